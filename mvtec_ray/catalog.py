@@ -1,0 +1,151 @@
+"""Dataset root (local or s3://) -> manifest table, validated before any Ray work starts.
+
+MVTec AD layout::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/<good|defect_type>/*.png
+    <root>/<category>/ground_truth/<defect_type>/<name>_mask.png
+
+Every file under a category is accounted for: an image row in ``entries`` or a row in
+``skipped`` with its reason. Layout problems that make a category unusable raise
+:class:`CatalogError` with a one-line message.
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .errors import CatalogError, StorageError
+from .storage import Storage, is_s3
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+ENTRY_COLUMNS = ["image_id", "uri", "category", "split", "label", "defect_type", "mask_uri",
+                 "size_bytes", "version"]
+SKIPPED_COLUMNS = ["uri", "category", "reason"]
+
+
+@dataclass
+class Catalog:
+    root: str
+    entries: pd.DataFrame
+    skipped: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(self.entries["category"].unique())
+
+    def summary(self) -> pd.DataFrame:
+        df = self.entries
+        return (df.assign(kind=df["split"] + "/" + df["label"].map({0: "good", 1: "defect"}))
+                .pivot_table(index="category", columns="kind", values="image_id", aggfunc="count",
+                             fill_value=0))
+
+
+def build_catalog(root: str, storage: Storage | None = None,
+                  categories: list[str] | None = None) -> Catalog:
+    storage = storage or Storage()
+    root = str(root).rstrip("/") if is_s3(str(root)) else str(root)
+    storage.check_reachable(root)
+    if not storage.is_dir(root):
+        raise CatalogError(f"dataset root is not a folder: {root}")
+    fs, root_path = storage.resolve(root)
+    try:
+        infos = list(storage.iter_files(root))
+    except StorageError:
+        raise
+    by_category: dict[str, list] = {}
+    top_level_files = []
+    for info in infos:
+        rel = posixpath.relpath(info.path.replace("\\", "/"), root_path.replace("\\", "/"))
+        parts = rel.split("/")
+        if len(parts) < 2:
+            top_level_files.append(rel)
+            continue
+        by_category.setdefault(parts[0], []).append((parts[1:], info))
+    found = sorted(c for c in by_category if not c.startswith("."))
+    if not found:
+        raise CatalogError(f"no categories under {root}: expected <category>/train/good/*.png")
+    if categories:
+        missing = sorted(set(categories) - set(found))
+        if missing:
+            raise CatalogError(f"categories not found under {root}: {', '.join(missing)} "
+                               f"(found: {', '.join(found)})")
+        found = [c for c in found if c in categories]
+
+    rows, skipped, warnings = [], [], []
+    for rel in top_level_files:
+        skipped.append((storage.uri_of(root, posixpath.join(root_path, rel)), "", "file at the dataset root"))
+    for hidden in sorted(c for c in by_category if c.startswith(".")):
+        for _, info in by_category[hidden]:
+            skipped.append((storage.uri_of(root, info.path), "", "hidden folder"))
+    for category in sorted(set(by_category) - set(found) - {c for c in by_category if c.startswith(".")}):
+        for _, info in by_category[category]:
+            skipped.append((storage.uri_of(root, info.path), category, "category not selected"))
+
+    for category in found:
+        cat_rows, cat_skipped = _catalog_category(root, category, by_category[category], storage)
+        splits = {r["split"] for r in cat_rows}
+        if not any(r["split"] == "train" for r in cat_rows):
+            raise CatalogError(f"category {category!r} has no images in train/good")
+        if "test" not in splits:
+            raise CatalogError(f"category {category!r} has no images in test/ (expected test/good and test/<defect>)")
+        for row in cat_rows:
+            if row["label"] == 1 and not row["mask_uri"]:
+                warnings.append(f"{category}: defect image without a mask: {row['image_id']}")
+        rows.extend(cat_rows)
+        skipped.extend(cat_skipped)
+
+    entries = pd.DataFrame(rows, columns=ENTRY_COLUMNS).sort_values("image_id", ignore_index=True)
+    skipped_df = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    for _, row in skipped_df.iterrows():
+        if row["reason"] not in ("category not selected",):
+            warnings.append(f"skipped {row['uri']}: {row['reason']}")
+    return Catalog(root=root, entries=entries, skipped=skipped_df, warnings=warnings)
+
+
+def _catalog_category(root: str, category: str, files: list, storage: Storage):
+    rows, skipped, masks = [], [], {}
+    candidates = []
+    for parts, info in files:
+        uri = storage.uri_of(root, info.path)
+        name = parts[-1]
+        if any(p.startswith(".") for p in parts):
+            skipped.append((uri, category, "hidden file"))
+            continue
+        ext = posixpath.splitext(name)[1].lower()
+        if parts[0] == "ground_truth":
+            if len(parts) == 3 and ext in IMAGE_EXTENSIONS:
+                stem = posixpath.splitext(name)[0]
+                stem = stem[:-5] if stem.endswith("_mask") else stem
+                masks[(parts[1], stem)] = uri
+            else:
+                skipped.append((uri, category, "not a mask file (expected ground_truth/<defect>/<name>_mask.png)"))
+            continue
+        if ext not in IMAGE_EXTENSIONS:
+            skipped.append((uri, category, f"not an image file (extension {ext or 'none'})"))
+            continue
+        if len(parts) != 3 or parts[0] not in ("train", "test") or (parts[0] == "train" and parts[1] != "good"):
+            skipped.append((uri, category, "not in the MVTec layout (expected train/good/* or test/<type>/*)"))
+            continue
+        candidates.append((parts, uri, info))
+    used_masks = set()
+    for parts, uri, info in candidates:
+        split, defect_type, name = parts
+        stem = posixpath.splitext(name)[0]
+        label = 0 if defect_type == "good" else 1
+        mask_uri = ""
+        if label:
+            mask_uri = masks.get((defect_type, stem), "")
+            used_masks.add((defect_type, stem))
+        version = f"{info.size}-{info.mtime_ns or 0}"
+        rows.append({"image_id": f"{category}/{split}/{defect_type}/{name}", "uri": uri,
+                     "category": category, "split": split, "label": label,
+                     "defect_type": defect_type, "mask_uri": mask_uri,
+                     "size_bytes": int(info.size or 0), "version": version})
+    for key, uri in masks.items():
+        if key not in used_masks:
+            skipped.append((uri, category, "mask without a matching test image"))
+    return rows, skipped

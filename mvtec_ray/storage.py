@@ -1,0 +1,202 @@
+"""Local folders and S3 buckets behind one small API (pyarrow.fs).
+
+Paths are URIs: a local path or ``s3://bucket/prefix``. A :class:`Storage` is cheap to
+pickle (it carries settings, not connections), so Ray tasks on other nodes rebuild the
+filesystem with the same credentials; secrets stay in ``SecretStr`` and are never logged.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import pyarrow.fs as pafs
+
+from .config import S3Settings
+from .errors import StorageError
+
+T = TypeVar("T")
+
+_TRANSIENT_MARKERS = ("SLOW_DOWN", "SlowDown", "Throttl", "INTERNAL_FAILURE", "InternalError",
+                      "SERVICE_UNAVAILABLE", "ServiceUnavailable", "503", "500", "502", "504",
+                      "Connection reset", "RequestTimeout", "timed out", "NETWORK_CONNECTION")
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return posixpath.join(base, *parts)
+    return str(Path(base, *parts))
+
+
+def safe_join(base: str, relative: str) -> str:
+    """Join ``relative`` under ``base``, refusing anything that would escape it."""
+    rel = relative.replace("\\", "/")
+    normal = posixpath.normpath(rel)
+    if rel.startswith("/") or normal == ".." or normal.startswith("../") or "\x00" in rel:
+        raise StorageError(f"refusing path {relative!r}: it escapes {base}")
+    return join(base, normal)
+
+
+@dataclass
+class Storage:
+    """Resolves URIs to (filesystem, path) pairs; retries transient S3 errors."""
+
+    s3: S3Settings = field(default_factory=S3Settings)
+    _fs_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {"s3": self.s3}
+
+    def __setstate__(self, state: dict) -> None:
+        self.s3 = state["s3"]
+        self._fs_cache = {}
+
+    # -- resolution ------------------------------------------------------
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        uri = str(uri)
+        if is_s3(uri):
+            return self._s3(), uri[len("s3://"):].rstrip("/")
+        return self._local(), os.path.abspath(os.path.expanduser(uri))
+
+    def _local(self) -> pafs.FileSystem:
+        if "local" not in self._fs_cache:
+            self._fs_cache["local"] = pafs.LocalFileSystem()
+        return self._fs_cache["local"]
+
+    def _s3(self) -> pafs.FileSystem:
+        if "s3" not in self._fs_cache:
+            s = self.s3
+            kwargs: dict = {
+                "region": s.region or "us-east-1",
+                "connect_timeout": s.connect_timeout_s,
+                "request_timeout": s.request_timeout_s,
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s.max_attempts),
+            }
+            if s.endpoint_url:
+                scheme, _, rest = s.endpoint_url.partition("://")
+                kwargs["endpoint_override"] = rest or scheme
+                kwargs["scheme"] = scheme if rest else "https"
+            if s.anonymous:
+                kwargs["anonymous"] = True
+            elif s.access_key and s.secret_key:
+                kwargs["access_key"] = s.access_key
+                kwargs["secret_key"] = s.secret_key.get_secret_value()
+                if s.session_token:
+                    kwargs["session_token"] = s.session_token.get_secret_value()
+            self._fs_cache["s3"] = pafs.S3FileSystem(**kwargs)
+        return self._fs_cache["s3"]
+
+    # -- operations --------------------------------------------------------
+    def retry(self, what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
+        """Run ``fn``; retry transient errors with jittered backoff, translate the rest."""
+        attempts = attempts or self.s3.max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                message = str(exc)
+                if attempt < attempts and any(m in message for m in _TRANSIENT_MARKERS):
+                    time.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
+                    continue
+                raise StorageError(f"{what}: {describe_storage_error(message)}") from None
+        raise AssertionError("unreachable")
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.resolve(uri)
+
+        def read() -> bytes:
+            with fs.open_input_stream(path) as handle:
+                return handle.read()
+        return self.retry(f"cannot read {uri}", read)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write atomically: a temporary name renamed into place (S3 puts are atomic already)."""
+        fs, path = self.resolve(uri)
+        parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
+        self.retry(f"cannot create {parent}", lambda: fs.create_dir(parent, recursive=True))
+        if is_s3(uri):
+            def put() -> None:
+                with fs.open_output_stream(path) as handle:
+                    handle.write(data)
+            self.retry(f"cannot write {uri}", put)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.resolve(uri)
+        info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(path))
+        return info.type != pafs.FileType.NotFound
+
+    def is_dir(self, uri: str) -> bool:
+        fs, path = self.resolve(uri)
+        info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(path))
+        return info.type == pafs.FileType.Directory
+
+    def list(self, uri: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        fs, path = self.resolve(uri)
+        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        return self.retry(f"cannot list {uri}", lambda: fs.get_file_info(selector))
+
+    def iter_files(self, uri: str) -> Iterator[pafs.FileInfo]:
+        for info in self.list(uri, recursive=True):
+            if info.type == pafs.FileType.File:
+                yield info
+
+    def delete_dir(self, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        if self.exists(uri):
+            self.retry(f"cannot delete {uri}", lambda: fs.delete_dir(path))
+
+    def uri_of(self, original: str, path: str) -> str:
+        """Turn a filesystem path from a listing back into a URI of the same kind as ``original``."""
+        return f"s3://{path}" if is_s3(original) else path
+
+    def check_reachable(self, uri: str) -> None:
+        """Fail early, with a message a person can act on, when ``uri`` cannot be listed."""
+        fs, path = self.resolve(uri)
+        try:
+            info = fs.get_file_info(path)
+        except OSError as exc:
+            raise StorageError(f"cannot reach {uri}: {describe_storage_error(str(exc))}") from None
+        if info.type == pafs.FileType.NotFound:
+            if is_s3(uri):
+                bucket = path.split("/", 1)[0]
+                try:
+                    bucket_info = fs.get_file_info(bucket)
+                except OSError as exc:
+                    raise StorageError(f"cannot reach {uri}: {describe_storage_error(str(exc))}") from None
+                if bucket_info.type == pafs.FileType.NotFound:
+                    raise StorageError(f"bucket {bucket!r} does not exist (or is not visible with these credentials)")
+            raise StorageError(f"not found: {uri}")
+
+
+def describe_storage_error(message: str) -> str:
+    """Short, secret-free reason for a pyarrow/AWS error message."""
+    text = " ".join(message.split())
+    rules = [
+        (("ACCESS_DENIED", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"),
+         "access denied (check the credentials and the bucket policy)"),
+        (("NoSuchBucket", "NO_SUCH_BUCKET"), "the bucket does not exist"),
+        (("NETWORK_CONNECTION", "Connection refused", "Couldn't connect", "Could not connect",
+          "curlCode: 7", "Failed to connect"), "the S3 endpoint cannot be reached (connection refused or down)"),
+        (("RequestTimeout", "timed out", "curlCode: 28"), "the S3 endpoint timed out"),
+        (("SLOW_DOWN", "SlowDown", "Throttl"), "throttled by S3 (retries exhausted)"),
+    ]
+    for markers, reason in rules:
+        if any(m in text for m in markers):
+            return reason
+    return text[:300]
