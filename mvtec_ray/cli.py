@@ -230,5 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """Entry for ``pipelines/<job>.py``: inside a submitted Ray job (RAY_ADDRESS set) use that cluster."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("RAY_ADDRESS") and "--address" not in argv:
+        argv += ["--address", "auto"]
+    return main([command, *argv])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -219,8 +219,11 @@ def cluster_plan(config: ExtractConfig) -> dict:
 
 
 def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, storage: Storage,
-                   weights: ResolvedWeights | None = None) -> ExtractionResult:
-    """Extract every catalog image into ``features_root/<fingerprint>``; resumable."""
+                   weights: ResolvedWeights | None = None, progress: list | None = None) -> ExtractionResult:
+    """Extract every catalog image into ``features_root/<fingerprint>``; resumable.
+
+    ``progress``, when given, receives ``(seconds since start, rows)`` per finished batch.
+    """
     import ray
 
     started = time.perf_counter()
@@ -230,6 +233,8 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
     done = existing.row_ids() if storage.exists(out_dir) else set()
     plan = plan_work(catalog.entries, config, done)
     metadata = extraction_metadata(config, weights, probe_feature_shapes(config, weights))
+    if len(plan) and storage.exists(join(out_dir, SUCCESS)):
+        storage.delete_file(join(out_dir, SUCCESS))  # the input grew: not complete until this run ends
     storage.write_bytes(join(out_dir, EXTRACT_META), json.dumps(metadata, indent=2).encode())
     resources = cluster_plan(config)
     log.info("extracting %d rows (%d already done) with %s", len(expected_row_ids(plan)), len(done), resources)
@@ -254,6 +259,8 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
                             batch_size=None, batch_format="numpy", num_cpus=0.25)
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             summaries.append(part.drop(columns=["file"]))
+            if progress is not None:
+                progress.append((time.perf_counter() - started, len(part)))
     produced = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(
         columns=["row_id", "image_id", "source_uri", "category", "split", "status", "error"])
     missing = set(expected_row_ids(plan)) - set(produced["row_id"])

@@ -15,6 +15,7 @@ import html
 import io
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,6 +25,7 @@ import pandas as pd
 # (nothing to leak or close), no interactive backend, safe inside Ray workers.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["write_report", "format_results_table", "results_markdown"]
 
@@ -196,7 +198,6 @@ class _Figures:
         FigureCanvasAgg(fig)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=DPI)
-        fig.clear()  # drop artists now rather than waiting for the GC
         data = buf.getvalue()
         name = self._name(stem)
         (self.directory / name).write_bytes(data)
@@ -219,6 +220,18 @@ def _roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
 
 
+def _fixed_grid(rows: int, cols: int, cell_w: float, cell_h: float, *, left: float, right: float,
+                top: float, bottom: float, gap_w: float, gap_h: float) -> tuple[Figure, np.ndarray]:
+    """Figure with margins and gaps in inches: constrained/tight layout cost more than the drawing."""
+    width = left + right + cols * cell_w + (cols - 1) * gap_w
+    height = top + bottom + rows * cell_h + (rows - 1) * gap_h
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(
+        left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+        wspace=gap_w / cell_w, hspace=gap_h / cell_h))
+    return fig, axes
+
+
 def _grid(n: int, max_cols: int) -> tuple[int, int]:
     cols = max(1, min(n, max_cols))
     return math.ceil(max(n, 1) / cols), cols
@@ -233,8 +246,9 @@ def _pair_threshold(results_row: pd.Series | None, sc: pd.DataFrame) -> float:
 def _histogram_figure(cat: str, detectors: list[str], test: pd.DataFrame,
                       res_idx: dict[tuple[str, str], pd.Series]) -> Figure:
     rows, cols = _grid(len(detectors), 5)
-    fig = Figure(figsize=(2.9 * cols, 2.3 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = _fixed_grid(rows, cols, 2.45, 1.6, left=0.35, right=0.1, top=0.55, bottom=0.45,
+                            gap_w=0.4, gap_h=0.75)
+    axes = axes.ravel()
     for ax in axes[len(detectors):]:
         ax.set_visible(False)
     legend_done = False
@@ -244,8 +258,8 @@ def _histogram_figure(cat: str, detectors: list[str], test: pd.DataFrame,
         ax.tick_params(labelsize=7)
         if r is not None and _is_error(r):
             ax.set_title(f"{det}: ERROR", fontsize=8, color="#b00020")
-            ax.text(0.5, 0.5, _err_text(r, 60) or "error", ha="center", va="center",
-                    fontsize=6, wrap=True, transform=ax.transAxes)
+            ax.text(0.5, 0.5, textwrap.fill(_err_text(r, 160) or "error", 42), ha="center", va="center",
+                    fontsize=6, transform=ax.transAxes)
             ax.set_xticks([]), ax.set_yticks([])
             continue
         s = sc["score"].to_numpy(dtype=float)
@@ -261,8 +275,12 @@ def _histogram_figure(cat: str, detectors: list[str], test: pd.DataFrame,
             rng = np.r_[rng, thr]
         lo, hi = float(rng.min()), float(rng.max())
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
-        ax.hist(s[fin & (y == 0)], bins=bins, color="#2e7d32", alpha=0.6, label="good")
-        ax.hist(s[fin & (y == 1)], bins=bins, color="#c62828", alpha=0.6, label="defect")
+        # stairs draws one polygon per class; hist draws one patch per bar (slow at this scale)
+        for cls, colour, name in ((0, "#2e7d32", "good"), (1, "#c62828", "defect")):
+            counts, _ = np.histogram(s[fin & (y == cls)], bins=bins)
+            ax.stairs(counts, bins, fill=True, color=colour, alpha=0.55, label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
         if math.isfinite(thr):
             ax.axvline(thr, color="black", linestyle="--", linewidth=1.2, label="threshold")
         auroc = _num(r.get("image_auroc")) if r is not None else math.nan
@@ -278,8 +296,10 @@ def _histogram_figure(cat: str, detectors: list[str], test: pd.DataFrame,
 def _roc_figure(categories: list[str], detectors: list[str], test: pd.DataFrame,
                 res_idx: dict[tuple[str, str], pd.Series]) -> Figure:
     rows, cols = _grid(len(categories), 5)
-    fig = Figure(figsize=(2.6 * cols, 2.6 * rows + 0.5), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    n_leg_rows = math.ceil(len(detectors) / 8)
+    fig, axes = _fixed_grid(rows, cols, 2.0, 2.0, left=0.5, right=0.1, top=0.55,
+                            bottom=0.5 + 0.2 * n_leg_rows, gap_w=0.45, gap_h=0.6)
+    axes = axes.ravel()
     for ax in axes[len(categories):]:
         ax.set_visible(False)
     palette = [f"C{i % 10}" for i in range(len(detectors))]
@@ -299,13 +319,16 @@ def _roc_figure(categories: list[str], detectors: list[str], test: pd.DataFrame,
                               linewidth=1.1, drawstyle="default")
             handles.setdefault(det, line)
         ax.set_title(cat, fontsize=8)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1.01)
+        ax.set_xlim(-0.01, 1), ax.set_ylim(0, 1.02)  # curves at AUROC 1 stay visible on the frame
+        ax.set_xticks([0, 0.5, 1]), ax.set_yticks([0, 0.5, 1])
+        ax.set_xlabel("false positive rate", fontsize=6, labelpad=1)
+        ax.set_ylabel("true positive rate", fontsize=6, labelpad=1)
         ax.tick_params(labelsize=6)
         ax.set_aspect("equal")
     if handles:
-        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
-                   ncol=min(len(handles), 6), fontsize=7, frameon=False)
-    fig.suptitle("ROC curves (test split): x = false positive rate, y = true positive rate", fontsize=10)
+        fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
+                   ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    fig.suptitle("ROC curves (test split)", fontsize=10)
     return fig
 
 
@@ -397,12 +420,37 @@ def _reference_detector(cat: str, detectors: list[str], test: pd.DataFrame,
     return None
 
 
+def _fit_tile(arr: np.ndarray) -> np.ndarray:
+    """Scale an (h, w, 3) uint8 array to fit, centred on a white THUMB x THUMB tile."""
+    tile = np.full((THUMB, THUMB, 3), 255, np.uint8)
+    h, w = arr.shape[:2]
+    if max(h, w) != THUMB:
+        from PIL import Image
+        f = THUMB / max(h, w)
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        # nearest when enlarging keeps small masks/maps crisp
+        arr = np.asarray(Image.fromarray(arr).resize(
+            size, Image.Resampling.BILINEAR if f < 1 else Image.Resampling.NEAREST))
+    h, w = arr.shape[:2]
+    y0, x0 = (THUMB - h) // 2, (THUMB - w) // 2
+    tile[y0:y0 + h, x0:x0 + w] = arr
+    return tile
+
+
 def _examples_figure(cat: str, det: str, picked: pd.DataFrame, out_dir: Path, thr: float) -> Figure:
+    """Rows of image / mask / map-overlay tiles, composed in numpy and drawn in ONE axes:
+    a dozen small axes per category would cost more than everything else in the report."""
+    from matplotlib import colormaps
+    jet = colormaps["jet"]
     has_maps = picked["map_file"].fillna("").astype(str).ne("").any()
     titles = ["image", "ground-truth mask"] + ([f"{det} anomaly map"] if has_maps else [])
     n, cols = len(picked), len(titles)
-    fig = Figure(figsize=(2.2 * cols, 2.35 * n + 0.3), layout="constrained")
-    axes = fig.subplots(n, cols, squeeze=False)
+    pad, band, head = 8, 22, 30  # px: gap, per-row title band, figure header
+    width = cols * THUMB + (cols + 1) * pad
+    height = head + n * (band + THUMB) + pad
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    texts: list[tuple[float, float, str, dict[str, Any]]] = []
+
     maps = [_load_map(out_dir, _str_or_empty(r.get("map_file"))) if has_maps else None
             for _, r in picked.iterrows()]
     # one colour range for all maps of the figure so overlays compare across rows
@@ -410,10 +458,24 @@ def _examples_figure(cat: str, det: str, picked: pd.DataFrame, out_dir: Path, th
     vmin, vmax = (np.percentile(vals, [1, 99.5]) if vals.size else (0.0, 1.0))
     if vmax <= vmin:
         vmax = vmin + 1e-6
+
+    def colour(m: np.ndarray) -> np.ndarray:
+        norm = np.clip((np.nan_to_num(m, nan=vmin) - vmin) / (vmax - vmin), 0.0, 1.0)
+        return (jet(norm)[..., :3] * 255).astype(np.float32)
+
+    def place(row: int, col: int, tile: np.ndarray | None, placeholder: str = "") -> None:
+        y0, x0 = head + row * (band + THUMB) + band, pad + col * (THUMB + pad)
+        if tile is None:
+            canvas[y0:y0 + THUMB, x0:x0 + THUMB] = 236
+            texts.append((x0 + THUMB / 2, y0 + THUMB / 2, placeholder,
+                          dict(ha="center", va="center", fontsize=7, color="#444444")))
+        else:
+            canvas[y0:y0 + THUMB, x0:x0 + THUMB] = tile
+
+    for col, title in enumerate(titles):
+        texts.append((pad + col * (THUMB + pad) + THUMB / 2, head - 6, title,
+                      dict(ha="center", va="bottom", fontsize=8, weight="bold")))
     for i, ((_, r), m) in enumerate(zip(picked.iterrows(), maps)):
-        row_axes = axes[i]
-        for ax in row_axes:
-            ax.set_xticks([]), ax.set_yticks([])
         path = _str_or_empty(r.get("path"))
         img = _load_rgb(path)
         label = int(r["label"])
@@ -423,34 +485,34 @@ def _examples_figure(cat: str, det: str, picked: pd.DataFrame, out_dir: Path, th
         t = _num(r.get("threshold")) if math.isfinite(_num(r.get("threshold"))) else thr
         flagged = math.isfinite(score) and math.isfinite(t) and score >= t
         correct = flagged == (label == 1)
-        if img is not None:
-            row_axes[0].imshow(img)
-        else:
-            row_axes[0].text(0.5, 0.5, "image not readable here\n" + _short(path, 28), ha="center",
-                             va="center", fontsize=6, transform=row_axes[0].transAxes)
-        row_axes[0].set_title(truth if dtype == truth else f"{truth}: {_short(dtype, 18)}", fontsize=7)
+
+        place(i, 0, _fit_tile(img) if img is not None else None,
+              "image not readable here\n" + _short(path, 30))
         shape = img.shape[:2] if img is not None else (m.shape if m is not None else None)
         mask = _load_mask(_str_or_empty(r.get("mask_file")), shape)
-        if mask is not None:
-            row_axes[1].imshow(mask, cmap="gray", vmin=0, vmax=1)
-        else:
-            row_axes[1].text(0.5, 0.5, "no mask" if label == 0 else "mask not readable",
-                             ha="center", va="center", fontsize=7, transform=row_axes[1].transAxes)
-        verdict = ("flagged" if flagged else "passed") + (" ✓" if correct else " ✗")
-        score_txt = f"{_fmt(score)} {'≥' if flagged else '<'} thr {_fmt(t)} ({verdict})"
-        row_axes[1].set_title(f"{det}: {score_txt}", fontsize=7,
-                              color="#1b5e20" if correct else "#b00020", loc="left")
+        place(i, 1, _fit_tile(np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2))
+              if mask is not None else None, "no mask" if label == 0 else "mask not readable")
         if has_maps:
-            ax = row_axes[2]
-            if m is not None:
-                if img is not None:
-                    ax.imshow(img)
-                    ax.imshow(_resize_map(m, img.shape[:2]), cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
-                else:
-                    ax.imshow(m, cmap="jet", vmin=vmin, vmax=vmax)
+            if m is None:
+                place(i, 2, None, "no map")
+            elif img is not None:
+                blend = 0.55 * img.astype(np.float32) + 0.45 * colour(_resize_map(m, img.shape[:2]))
+                place(i, 2, _fit_tile(blend.astype(np.uint8)))
             else:
-                ax.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=7, transform=ax.transAxes)
-    fig.suptitle(f"{cat}: top-scoring test images ({det})", fontsize=9)
+                place(i, 2, _fit_tile(colour(m).astype(np.uint8)))
+
+        verdict = ("flagged" if flagged else "passed") + (" ✓" if correct else " ✗")
+        what = truth if dtype == truth else f"{truth}: {_short(dtype, 18)}"
+        texts.append((pad, head + i * (band + THUMB) + band - 5,
+                      f"#{i + 1} {what}  |  {det} {_fmt(score)} {'≥' if flagged else '<'} thr {_fmt(t)} ({verdict})",
+                      dict(ha="left", va="bottom", fontsize=8, color="#1b5e20" if correct else "#b00020")))
+
+    fig = Figure(figsize=(width / DPI, height / DPI))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(canvas, interpolation="nearest", extent=(0, width, height, 0))
+    ax.set_axis_off()
+    for x, y, text, kw in texts:
+        ax.text(x, y, text, **kw)
     return fig
 
 

@@ -161,6 +161,10 @@ class Storage:
         if self.exists(uri):
             self.retry(f"cannot delete {uri}", lambda: fs.delete_dir(path))
 
+    def delete_file(self, uri: str) -> None:
+        fs, path = self.resolve(uri)
+        self.retry(f"cannot delete {uri}", lambda: fs.delete_file(path))
+
     def uri_of(self, original: str, path: str) -> str:
         """Turn a filesystem path from a listing back into a URI of the same kind as ``original``."""
         return f"s3://{path}" if is_s3(original) else path

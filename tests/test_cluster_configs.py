@@ -232,8 +232,9 @@ def test_local_sh_start_status_stop(ray_session):
     ray_bin = Path(sys.executable).with_name("ray")
     if not ray_bin.exists():
         pytest.skip("ray CLI not next to the test interpreter")
-    port, dash = _free_port(6390), _free_port(8270)
-    client = port + 20000 if _free_port(port + 20000) == port + 20000 else _free_port(0)
+    # Non-default ports (6379/8265/10001 may belong to another cluster); the client port
+    # must lie outside Ray's default worker port range 10002-19999.
+    port, dash, client = _free_port(6390), _free_port(8270), _free_port(26390)
     temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Unix socket paths live below it
     home = tempfile.mkdtemp(prefix="rlhome")                # no ~/.ray/auth_token in here
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MVTEC_RAY_LOCAL"))}

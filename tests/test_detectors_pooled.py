@@ -123,7 +123,7 @@ def test_elliptic_scores_equal_robust_mahalanobis(data, fitted):
     _, _, test, _ = data
     ell = fitted("elliptic")
     np.testing.assert_allclose(
-        ell.score(test), ell.estimator_.mahalanobis(ell._proj.transform(test)), rtol=1e-6)
+        ell.score(test), ell.estimator_.mahalanobis(ell._proj.transform(ell.preprocessor.transform(test))), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", SKLEARN)

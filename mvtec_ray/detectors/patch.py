@@ -1,0 +1,401 @@
+"""Patch-level detectors: PatchCore (coreset memory bank) and PaDiM (per-position Gaussian).
+
+Both consume patch maps ``(n, H, W, C)`` (``input_kind = "patches"``), given either as
+an ndarray or as a re-iterable chunk source (see :mod:`.coreset`), and never turn the
+whole input into one float32 array: everything runs chunk by chunk within
+``memory_budget_mb``. Scores: higher = more anomalous; image score = max patch score.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from . import register
+from .base import Detector, iter_chunks, load_arrays, save_arrays
+from .coreset import (budget_bytes, iter_budget_chunks, resolve_torch_device,
+                      select_coreset)
+
+STATS_FILE = "fit_stats.json"
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux; it is the process peak so far, not just this fit.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def upsample_smooth(patch_scores: np.ndarray, output_size: tuple[int, int],
+                    sigma: float) -> np.ndarray:
+    """``(n, H, W)`` patch scores -> ``(n, h, w)`` float32: bilinear upsampling, then a
+    Gaussian blur with ``sigma`` in output pixels (reflect border, truncated at 4 sigma)."""
+    h, w = (int(s) for s in output_size)
+    n = len(patch_scores)
+    out = np.empty((n, h, w), dtype=np.float32)
+    step = max(1, (64 << 20) // max(1, h * w * 4))  # ~64 MiB of maps per step
+    for sl in iter_chunks(n, step):
+        t = torch.from_numpy(np.ascontiguousarray(patch_scores[sl], dtype=np.float32))
+        up = F.interpolate(t[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        up = up.numpy()
+        if sigma and sigma > 0:
+            up = gaussian_filter(up, sigma=(0, float(sigma), float(sigma)), mode="reflect",
+                                 truncate=4.0)
+        out[sl] = up
+    return out
+
+
+class _PatchDetector(Detector):
+    """Shared plumbing: one pass computes patch scores; maps and image scores derive from it."""
+
+    input_kind = "patches"
+    produces_maps = True
+
+    def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(patch scores (n, H, W) float32, image scores (n,) float64)``."""
+        raise NotImplementedError
+
+    def patch_scores(self, X: Any) -> np.ndarray:
+        return self._patch_scores(X)[0]
+
+    def score_with_maps(self, X: Any, output_size: tuple[int, int] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image scores and (if ``output_size``) anomaly maps from a single search."""
+        patch, image = self._patch_scores(X)
+        maps = None
+        if output_size is not None:
+            maps = upsample_smooth(patch, output_size, self.params["smoothing_sigma"])
+        return image, maps
+
+    def score(self, X: Any) -> np.ndarray:
+        return self.score_with_maps(X, None)[0]
+
+    def anomaly_maps(self, X: Any, output_size: tuple[int, int]) -> np.ndarray:
+        maps = self.score_with_maps(X, output_size)[1]
+        assert maps is not None
+        return maps
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "grid_", None) is None:
+            raise RuntimeError(f"{self.name}: call fit() or load() first")
+
+    def _save_stats(self, directory: Path) -> None:
+        (directory / STATS_FILE).write_text(json.dumps(getattr(self, "fit_stats_", {}),
+                                                       indent=2, sort_keys=True))
+
+    def _load_stats(self, directory: Path) -> None:
+        path = directory / STATS_FILE
+        self.fit_stats_ = json.loads(path.read_text()) if path.exists() else {}
+
+
+# -- PatchCore ------------------------------------------------------------------
+def _faiss_gpu_count() -> int:
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0  # faiss-cpu build
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # pragma: no cover - broken GPU runtime
+        return 0
+
+
+@register
+class PatchCore(_PatchDetector):
+    """PatchCore (Roth et al., 2022): greedy coreset of normal patches + nearest-neighbour distance.
+
+    Patch score: mean L2 distance to the ``k`` nearest memory-bank patches (k=1 is the
+    paper). Image score: max patch score, optionally reweighted as in the paper by how
+    isolated the nearest bank patch is (``reweight``, over ``reweight_neighbors``).
+    """
+
+    name = "patchcore"
+
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        return {
+            "coreset_ratio": 0.1,
+            "projection_dim": 128,       # JL projection used only for coreset selection
+            "seed": 0,
+            "k": 1,
+            "reweight": False,
+            "reweight_neighbors": 9,     # b in the paper's reweighting
+            "index": "flat",             # "flat" (exact) or "ivf" (approximate, big banks)
+            "nlist": 0,                  # IVF lists; 0 = about sqrt(bank size)
+            "nprobe": 8,
+            "memory_budget_mb": 1024,
+            "smoothing_sigma": 4.0,
+            "use_gpu": "auto",
+            "coreset_threads": 1,        # CPU threads for the greedy loop; 0 = torch's setting
+        }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        p = self.params
+        if p["index"] not in ("flat", "ivf"):
+            raise ValueError(f"patchcore: index must be 'flat' or 'ivf', got {p['index']!r}")
+        if int(p["k"]) < 1 or int(p["reweight_neighbors"]) < 1:
+            raise ValueError("patchcore: k and reweight_neighbors must be >= 1")
+        resolve_torch_device(p["use_gpu"])  # validates the value
+        self.grid_: tuple[int, int, int] | None = None
+        self.coreset_indices_: np.ndarray | None = None
+        self.fit_stats_: dict[str, Any] = {}
+        self._index: Any = None          # CPU faiss index (persisted)
+        self._search_index: Any = None   # same, or a GPU copy
+        self._gpu_res: Any = None
+
+    # -- fitting -------------------------------------------------------------
+    def fit(self, X: Any, X_val: Any = None) -> "PatchCore":
+        p = self.params
+        device = resolve_torch_device(p["use_gpu"])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        res = select_coreset(X, ratio=float(p["coreset_ratio"]),
+                             projection_dim=int(p["projection_dim"] or 0), seed=int(p["seed"]),
+                             memory_budget_mb=float(p["memory_budget_mb"]), device=device,
+                             threads=int(p["coreset_threads"]) or None)
+        t0 = time.perf_counter()
+        self._set_index(self._build_index(res.bank))
+        stats = dict(res.stats)
+        stats["index_seconds"] = time.perf_counter() - t0
+        stats["largest_array_bytes"] = max(stats["projected_peak_bytes"],
+                                           stats["max_chunk_bytes"], stats["bank_bytes"])
+        stats["peak_rss_mb"] = _peak_rss_mb()
+        if device.type == "cuda":
+            stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.grid_ = res.grid
+        self.coreset_indices_ = res.indices
+        self.fit_stats_ = stats
+        return self
+
+    def _build_index(self, bank: np.ndarray) -> Any:
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        n, dim = bank.shape
+        if self.params["index"] == "flat":
+            index = faiss.IndexFlatL2(dim)
+        else:
+            nlist = int(self.params["nlist"]) or int(round(math.sqrt(n)))
+            nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants >= 39 points per list
+            quantizer = faiss.IndexFlatL2(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
+            index.referenced_objects = [quantizer]  # keep the quantizer alive with the index
+            index.train(bank)
+        index.add(bank)
+        return index
+
+    def _set_index(self, index: Any) -> None:
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = max(1, min(int(self.params["nprobe"]), index.nlist))
+            index.make_direct_map()  # reconstruct() for reweighting
+        self._index = index
+        self._search_index = index
+        want = self.params["use_gpu"]
+        if want and _faiss_gpu_count() > 0:
+            self._gpu_res = faiss.StandardGpuResources()
+            self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        elif want is True and _faiss_gpu_count() == 0:
+            warnings.warn("patchcore: use_gpu=True but faiss has no GPU; searching on CPU",
+                          RuntimeWarning, stacklevel=3)
+
+    @property
+    def bank_size(self) -> int:
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    def _bank_rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        return self._index.reconstruct_batch(ids)
+
+    # -- scoring -------------------------------------------------------------
+    def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fitted()
+        p = self.params
+        k = min(int(p["k"]), self.bank_size)
+        patch_parts: list[np.ndarray] = []
+        image_parts: list[np.ndarray] = []
+        # float32 chunk + faiss distance tables: keep each chunk at a third of the budget
+        for chunk in iter_budget_chunks(X, budget_bytes(p["memory_budget_mb"]), bytes_per_value=12):
+            m, H, W, C = chunk.shape
+            if C != self.grid_[2]:
+                raise ValueError(f"patchcore fitted on {self.grid_[2]} channels, got {C}")
+            flat = chunk.reshape(-1, C)
+            D, I = self._search_index.search(flat, k)
+            dist = np.sqrt(np.maximum(D, 0.0))
+            patch = dist.mean(1).reshape(m, H * W).astype(np.float32)
+            best = patch.argmax(1)
+            image = patch[np.arange(m), best].astype(np.float64)
+            if p["reweight"]:
+                rows = np.arange(m) * H * W + best
+                image *= self._reweight(flat[rows], dist[rows, 0], I[rows, 0])
+            patch_parts.append(patch.reshape(m, H, W))
+            image_parts.append(image)
+        if not patch_parts:
+            raise ValueError("patchcore: nothing to score (empty input)")
+        return np.concatenate(patch_parts), np.concatenate(image_parts)
+
+    def _reweight(self, feats: np.ndarray, d_star: np.ndarray, m_star: np.ndarray) -> np.ndarray:
+        """Paper eq. 7: w = 1 - exp(d*) / sum_{m in N_b(m*)} exp(|f - m|), N_b includes m*."""
+        b = min(int(self.params["reweight_neighbors"]), self.bank_size)
+        centres = self._bank_rows(m_star)
+        _, nbr = self._search_index.search(centres, b)  # neighbours of m* in the bank
+        valid = (nbr >= 0) & (nbr != m_star[:, None])   # m* itself is added explicitly below
+        ids = np.where(valid, nbr, 0)
+        others = self._bank_rows(ids).reshape(len(feats), b, -1)
+        d_other = np.sqrt(((others - feats[:, None, :]) ** 2).sum(-1, dtype=np.float64))
+        d_other = np.where(valid, d_other, -np.inf)
+        d_all = np.concatenate([d_star[:, None].astype(np.float64), d_other], axis=1)
+        top = d_all.max(1, keepdims=True)
+        log_den = top[:, 0] + np.log(np.exp(d_all - top).sum(1))
+        return 1.0 - np.exp(d_star - log_den)
+
+    # -- persistence -----------------------------------------------------------
+    def _save_state(self, directory: Path) -> None:
+        self._check_fitted()
+        faiss.write_index(self._index, str(directory / "memory_bank.faiss"))
+        save_arrays(directory / "state.npz", grid=np.asarray(self.grid_, dtype=np.int64),
+                    coreset_indices=np.asarray(self.coreset_indices_, dtype=np.int64))
+        self._save_stats(directory)
+
+    def _load_state(self, directory: Path) -> None:
+        arrays = load_arrays(directory / "state.npz")
+        self.grid_ = tuple(int(v) for v in arrays["grid"])  # type: ignore[assignment]
+        self.coreset_indices_ = arrays["coreset_indices"]
+        self._set_index(faiss.read_index(str(directory / "memory_bank.faiss")))
+        self._load_stats(directory)
+
+
+# -- PaDiM ----------------------------------------------------------------------
+@register
+class PaDiM(_PatchDetector):
+    """PaDiM (Defard et al., 2020): a Gaussian per patch position over a random channel subset.
+
+    Anomaly map: Mahalanobis distance per position. Image score: max over positions.
+    Covariance: sample covariance, optionally shrunk towards ``trace/d * I`` by
+    ``shrinkage``, plus ``eps * I`` (0.01 in the paper).
+    """
+
+    name = "padim"
+
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        return {
+            "n_features": 100,
+            "seed": 0,
+            "eps": 0.01,
+            "shrinkage": 0.0,
+            "memory_budget_mb": 1024,
+            "smoothing_sigma": 4.0,
+            "use_gpu": "auto",
+        }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if not 0.0 <= float(self.params["shrinkage"]) <= 1.0:
+            raise ValueError("padim: shrinkage must be in [0, 1]")
+        if int(self.params["n_features"]) < 1:
+            raise ValueError("padim: n_features must be >= 1")
+        self._device = resolve_torch_device(self.params["use_gpu"])
+        self.grid_: tuple[int, int, int] | None = None
+        self.channels_: np.ndarray | None = None
+        self.mean_: np.ndarray | None = None      # (H*W, d) float32
+        self.inv_cov_: np.ndarray | None = None   # (H*W, d, d) float32
+        self.fit_stats_: dict[str, Any] = {}
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _pick_channels(self, C: int) -> np.ndarray:
+        d = min(C, int(self.params["n_features"]))
+        rng = np.random.default_rng(int(self.params["seed"]))
+        self.channels_ = np.sort(rng.choice(C, size=d, replace=False)).astype(np.int64)
+        return self.channels_
+
+    def fit(self, X: Any, X_val: Any = None) -> "PaDiM":
+        t0 = time.perf_counter()
+        dev = self._device
+        self.channels_ = None
+        n = 0
+        s1 = s2 = None
+        grid = None
+        max_chunk = 0
+        # float32 copy + float64 copy + permuted float64 copy per value
+        for chunk in iter_budget_chunks(X, budget_bytes(self.params["memory_budget_mb"]),
+                                        bytes_per_value=24, channels=self._pick_channels):
+            m, H, W, d = chunk.shape
+            if grid is None:
+                grid = (H, W, len(self.channels_) if self.channels_ is not None else d)
+                s1 = torch.zeros(H * W, d, dtype=torch.float64, device=dev)
+                s2 = torch.zeros(H * W, d, d, dtype=torch.float64, device=dev)
+            max_chunk = max(max_chunk, chunk.nbytes)
+            x = torch.from_numpy(chunk).to(dev, torch.float64).reshape(m, H * W, d).transpose(0, 1)
+            s1 += x.sum(1)
+            s2.baddbmm_(x.transpose(1, 2)[:1], x[:1])  # sum of outer products per position
+            n += m
+            del x
+        if grid is None:
+            raise ValueError("padim: no patch maps to fit on (empty input)")
+        d = s1.shape[1]
+        mean = s1 / n
+        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / max(n - 1, 1)
+        eye = torch.eye(d, dtype=torch.float64, device=dev)
+        a = float(self.params["shrinkage"])
+        if a > 0:
+            scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1)[:, None, None]
+            cov = (1 - a) * cov + a * scale * eye
+        cov = cov + float(self.params["eps"]) * eye
+        inv = torch.linalg.inv(cov)
+        inv = 0.5 * (inv + inv.transpose(1, 2))  # exact symmetry keeps distances >= 0
+        self.grid_ = (grid[0], grid[1], int(len(self.channels_)))
+        self.mean_ = mean.float().cpu().numpy()
+        self.inv_cov_ = inv.float().cpu().numpy()
+        self._on_device = None
+        self.fit_stats_ = {
+            "n_images": int(n), "n_features": int(d), "grid": list(grid[:2]),
+            "fit_seconds": time.perf_counter() - t0, "max_chunk_bytes": int(max_chunk),
+            "state_bytes": int(self.mean_.nbytes + self.inv_cov_.nbytes),
+            "peak_rss_mb": _peak_rss_mb(), "device": dev.type,
+        }
+        return self
+
+    def _params_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._on_device is None:
+            self._on_device = (torch.from_numpy(self.mean_).to(self._device),
+                               torch.from_numpy(self.inv_cov_).to(self._device))
+        return self._on_device
+
+    def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fitted()
+        mean, inv = self._params_on_device()
+        H0, W0, d = self.grid_
+        parts: list[np.ndarray] = []
+        for chunk in iter_budget_chunks(X, budget_bytes(self.params["memory_budget_mb"]),
+                                        bytes_per_value=16, channels=self.channels_):
+            m, H, W, _ = chunk.shape
+            if (H, W) != (H0, W0):
+                raise ValueError(f"padim fitted on a {H0}x{W0} grid, got {H}x{W}")
+            x = torch.from_numpy(chunk).to(self._device).reshape(m, H * W, d).transpose(0, 1)
+            delta = x - mean[:, None, :]                 # (HW, m, d)
+            md2 = (torch.bmm(delta, inv) * delta).sum(-1)  # (HW, m)
+            parts.append(md2.clamp_min_(0).sqrt_().t().reshape(m, H, W).cpu().numpy())
+        if not parts:
+            raise ValueError("padim: nothing to score (empty input)")
+        patch = np.concatenate(parts).astype(np.float32, copy=False)
+        return patch, patch.reshape(len(patch), -1).max(1).astype(np.float64)
+
+    def _save_state(self, directory: Path) -> None:
+        self._check_fitted()
+        save_arrays(directory / "state.npz", grid=np.asarray(self.grid_, dtype=np.int64),
+                    channels=self.channels_, mean=self.mean_, inv_cov=self.inv_cov_)
+        self._save_stats(directory)
+
+    def _load_state(self, directory: Path) -> None:
+        arrays = load_arrays(directory / "state.npz")
+        self.grid_ = tuple(int(v) for v in arrays["grid"])  # type: ignore[assignment]
+        self.channels_ = arrays["channels"]
+        self.mean_ = arrays["mean"].astype(np.float32, copy=False)
+        self.inv_cov_ = arrays["inv_cov"].astype(np.float32, copy=False)
+        self._on_device = None
+        self._load_stats(directory)
