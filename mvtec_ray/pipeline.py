@@ -70,6 +70,7 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
                 features, category, name, params, config.evaluation, out_uri, storage, threads,
                 pooled_ref if detector_class(name).input_kind == "pooled" else None, metadata)
             pending[ref] = (category, name)
+    log.info("fitting %d (category, detector) tasks", len(pending))
     outcomes: list[FitOutcome] = []
     remaining = list(pending)
     while remaining:
@@ -81,7 +82,7 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
             outcome = FitOutcome({"category": category, "detector": name, "backbone": metadata["backbone"],
                                   "weights": metadata["weights"], "status": "error",
                                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
-        log.info("fitted %s/%s: %s", category, name, outcome.row.get("status"))
+        log.debug("fitted %s/%s: %s", category, name, outcome.row.get("status"))
         outcomes.append(outcome)
     rows = pd.DataFrame([o.row for o in outcomes])
     results = summarise(rows)

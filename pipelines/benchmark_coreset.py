@@ -11,7 +11,6 @@ extrapolates both to the full problem, and prints the speed-up last.
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import sys
 import time

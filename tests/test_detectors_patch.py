@@ -115,6 +115,7 @@ def test_score_and_maps_agree_with_single_calls(data):
 def test_coreset_size_is_exact_ceil():
     assert coreset_size(1920, 0.1) == 192
     assert coreset_size(1000, 0.013) == 13
+    assert coreset_size(1001, 0.1) == 101     # ceil, not round
     assert coreset_size(100, 0.07) == 7       # 0.07 * 100 = 7.000000000000001 in floats
     assert coreset_size(10, 0.01) == 1
     assert coreset_size(7, 1.0) == 7
@@ -125,10 +126,11 @@ def test_coreset_size_is_exact_ceil():
 def test_coreset_size_and_seed_determinism(data):
     train = data[0]
     n = 30 * H * W
-    a = PatchCore(coreset_ratio=0.05, projection_dim=8, seed=0).fit(train)
-    b = PatchCore(coreset_ratio=0.05, projection_dim=8, seed=0).fit(train)
-    c = PatchCore(coreset_ratio=0.05, projection_dim=8, seed=1).fit(train)
-    assert len(a.coreset_indices_) == a.bank_size == a.fit_stats_["n_coreset"] == math.ceil(0.05 * n)
+    a = PatchCore(coreset_ratio=0.033, projection_dim=8, seed=0).fit(train)
+    b = PatchCore(coreset_ratio=0.033, projection_dim=8, seed=0).fit(train)
+    c = PatchCore(coreset_ratio=0.033, projection_dim=8, seed=1).fit(train)
+    assert math.ceil(0.033 * n) == 64  # 63.36 rounded up
+    assert len(a.coreset_indices_) == a.bank_size == a.fit_stats_["n_coreset"] == 64
     assert len(np.unique(a.coreset_indices_)) == len(a.coreset_indices_)
     np.testing.assert_array_equal(a.coreset_indices_, b.coreset_indices_)
     assert not np.array_equal(np.sort(a.coreset_indices_), np.sort(c.coreset_indices_))

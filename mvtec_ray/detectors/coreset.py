@@ -3,8 +3,9 @@
 Patch detectors accept either an ndarray ``(n, H, W, C)`` or a *chunk source*: any
 object whose ``__iter__`` yields ndarray chunks ``(n_i, H, W, C)`` and that can be
 iterated more than once. A source may also expose ``n_images`` (total image count);
-coreset selection then fills its projected matrix in place instead of concatenating. Everything here walks such inputs in float32 pieces no
-larger than a byte budget, so the whole set never exists as one float32 array.
+coreset selection then fills its projected matrix in place instead of concatenating.
+Everything here walks such inputs in float32 pieces no larger than a byte budget, so
+the whole set never exists as one float32 array.
 
 Coreset selection is two passes over the source:
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from .base import iter_chunks
+
 
 # -- chunk sources -----------------------------------------------------------
 class ArrayChunks:

@@ -332,7 +332,7 @@ class PaDiM(_PatchDetector):
             max_chunk = max(max_chunk, chunk.nbytes)
             x = torch.from_numpy(chunk).to(dev, torch.float64).reshape(m, H * W, d).transpose(0, 1)
             s1 += x.sum(1)
-            s2.baddbmm_(x.transpose(1, 2)[:1], x[:1])  # sum of outer products per position
+            s2.baddbmm_(x.transpose(1, 2), x)  # sum of outer products per position
             n += m
             del x
         if grid is None:
