@@ -51,20 +51,19 @@ def build_catalog(root: str, storage: Storage | None = None,
     storage.check_reachable(root)
     if not storage.is_dir(root):
         raise CatalogError(f"dataset root is not a folder: {root}")
-    fs, root_path = storage.resolve(root)
-    try:
-        infos = list(storage.iter_files(root))
-    except StorageError:
-        raise
+    _, root_path = storage.resolve(root)
+    infos, special = storage.walk(root)
     by_category: dict[str, list] = {}
-    top_level_files = []
-    for info in infos:
-        rel = posixpath.relpath(info.path.replace("\\", "/"), root_path.replace("\\", "/"))
-        parts = rel.split("/")
+    top_level_files, special_rows = [], []
+    for info in sorted(infos, key=lambda i: i.path):
+        parts = _relative_parts(info.path, root_path)
         if len(parts) < 2:
-            top_level_files.append(rel)
+            top_level_files.append(info.path)
             continue
         by_category.setdefault(parts[0], []).append((parts[1:], info))
+    for path, reason in sorted(special):
+        parts = _relative_parts(path, root_path)
+        special_rows.append((storage.uri_of(root, path), parts[0] if len(parts) > 1 else "", reason))
     found = sorted(c for c in by_category if not c.startswith("."))
     if not found:
         raise CatalogError(f"no categories under {root}: expected <category>/train/good/*.png")
@@ -75,9 +74,9 @@ def build_catalog(root: str, storage: Storage | None = None,
                                f"(found: {', '.join(found)})")
         found = [c for c in found if c in categories]
 
-    rows, skipped, warnings = [], [], []
-    for rel in top_level_files:
-        skipped.append((storage.uri_of(root, posixpath.join(root_path, rel)), "", "file at the dataset root"))
+    rows, skipped, warnings = [], list(special_rows), []
+    for path in top_level_files:
+        skipped.append((storage.uri_of(root, path), "", "file at the dataset root"))
     for hidden in sorted(c for c in by_category if c.startswith(".")):
         for _, info in by_category[hidden]:
             skipped.append((storage.uri_of(root, info.path), "", "hidden folder"))
@@ -106,6 +105,10 @@ def build_catalog(root: str, storage: Storage | None = None,
     return Catalog(root=root, entries=entries, skipped=skipped_df, warnings=warnings)
 
 
+def _relative_parts(path: str, root_path: str) -> list[str]:
+    return posixpath.relpath(path.replace("\\", "/"), root_path.replace("\\", "/")).split("/")
+
+
 def _catalog_category(root: str, category: str, files: list, storage: Storage):
     rows, skipped, masks = [], [], {}
     candidates = []
@@ -120,7 +123,10 @@ def _catalog_category(root: str, category: str, files: list, storage: Storage):
             if len(parts) == 3 and ext in IMAGE_EXTENSIONS:
                 stem = posixpath.splitext(name)[0]
                 stem = stem[:-5] if stem.endswith("_mask") else stem
-                masks[(parts[1], stem)] = uri
+                if (parts[1], stem) in masks:  # e.g. 000_mask.png beside 000.png: keep the first, account for both
+                    skipped.append((uri, category, f"second mask for the same image (first: {masks[(parts[1], stem)]})"))
+                else:
+                    masks[(parts[1], stem)] = uri
             else:
                 skipped.append((uri, category, "not a mask file (expected ground_truth/<defect>/<name>_mask.png)"))
             continue

@@ -121,14 +121,26 @@ def cmd_sample_data(args) -> int:
     return 0
 
 
+def _preflight(config):
+    """Everything a person can get wrong, checked before the heavy imports and before Ray starts."""
+    from .catalog import build_catalog
+    from .storage import Storage
+    storage = Storage(config.s3)
+    catalog = build_catalog(config.data, storage, config.categories)
+    from .backbones import resolve_weights  # torch: only once the data is known to be there
+    weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
+    return storage, catalog, weights
+
+
 def cmd_run(args) -> int:
-    from .pipeline import run_pipeline
-    from .report import format_results_table, write_report
     from .storage import is_s3
     config = config_from_args(args)
     _require(config, "data", "out")
+    _, catalog, weights = _preflight(config)
+    from .pipeline import run_pipeline
+    from .report import format_results_table, write_report
     started = time.perf_counter()
-    outputs = run_pipeline(config, features_uri=args.features)
+    outputs = run_pipeline(config, features_uri=args.features, catalog=catalog, weights=weights)
     _print_extraction(outputs.extraction)
     print(format_results_table(outputs.results))
     if not is_s3(config.out):
@@ -151,18 +163,13 @@ def _print_extraction(extraction) -> None:
 
 
 def cmd_extract(args) -> int:
-    from .backbones import resolve_weights
-    from .catalog import build_catalog
-    from .extract import run_extraction
-    from .pipeline import connect
-    from .storage import Storage
     config = config_from_args(args)
     _require(config, "data", "out")
-    storage = Storage(config.s3)
-    catalog = build_catalog(config.data, storage, config.categories)
+    storage, catalog, weights = _preflight(config)
     for warning in catalog.warnings[:20]:
         log.warning(warning)
-    weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
+    from .extract import run_extraction
+    from .pipeline import connect
     connect(config.ray)
     result = run_extraction(catalog, config.out, config.extract, storage, weights)
     _print_extraction(result)
@@ -173,13 +180,13 @@ def cmd_extract(args) -> int:
 
 def cmd_fit(args) -> int:
     from .features import FeatureSet
-    from .pipeline import connect, run_fit, write_outputs
-    from .report import format_results_table, write_report
     from .storage import Storage, is_s3
     config = config_from_args(args)
     _require(config, "out")
     storage = Storage(config.s3)
     features = FeatureSet.open(args.features, storage)
+    from .pipeline import connect, run_fit, write_outputs
+    from .report import format_results_table, write_report
     connect(config.ray)
     results, scores = run_fit(features, config.out, config, storage)
     errors = features.error_rows().to_pandas()
@@ -220,14 +227,35 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"mvtec-ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"mvtec-ray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        user = find_user_error(exc)
+        if user is None or args.debug:
+            raise  # a bug (or --debug): the traceback is what helps
+        print(f"mvtec-ray {args.command}: error: {_one_line(user)}", file=sys.stderr)
+        return 2
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind ``exc``, also when a Ray task or Ray Data wrapped it (``.cause``,
+    ``__cause__``, ``__context__``); the innermost one, whose message is not a Ray traceback."""
+    found, seen, todo = None, set(), [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen or len(seen) > 50:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError) and not type(current).__module__.startswith("ray"):
+            found = current
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return found
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def job_main(command: str, argv: list[str] | None = None) -> int:

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from .errors import UserError
 
 
+#: bump when the feature shards' columns change, so old shards are never read as new ones
+FEATURE_SCHEMA_VERSION = 2
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -77,6 +81,10 @@ class ExtractConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     cpus_per_reader: float = Field(0.5, gt=0)
+    #: extra Ray resources each extractor actor requests (``resources=`` of map_batches), e.g.
+    #: {"accelerator_type:A10G": 0.001} or a custom node label {"extract_node": 1}: the actors then
+    #: run only on nodes offering them; the pool is capped at what the cluster offers
+    actor_resources: dict[str, float] = {}
     max_image_pixels: int = Field(60_000_000, ge=1)
     min_image_side: int = Field(16, ge=1)
     seed: int = 0
@@ -84,9 +92,21 @@ class ExtractConfig(_Strict):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        from .backbones import BACKBONES
+        from .backbone_specs import BACKBONES  # no torch import: typos fail fast
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; known: {', '.join(sorted(BACKBONES))}")
+        return value
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        # Ray rejects CPU/GPU in resources=; they have their own settings here
+        builtin = sorted(k for k in value if k in ("CPU", "GPU", "memory", "object_store_memory"))
+        if builtin:
+            raise ValueError(f"{builtin} cannot be actor_resources; use cpus_per_actor / gpus_per_actor")
+        bad = sorted(k for k, v in value.items() if not v > 0)
+        if bad:
+            raise ValueError(f"actor_resources must be > 0: {bad}")
         return value
 
     def fingerprint(self) -> str:
@@ -94,7 +114,9 @@ class ExtractConfig(_Strict):
         keys = ["backbone", "weights", "image_size", "augment_copies", "augmentations",
                 "holdout_fraction", "min_holdout", "synthetic_per_image", "synthetic_kinds",
                 "patch_maps", "patch_dim", "max_image_pixels", "min_image_side", "seed"]
-        payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
+        values = {k: getattr(self, k) for k in keys}
+        values["schema_version"] = FEATURE_SCHEMA_VERSION
+        payload = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

@@ -13,6 +13,11 @@ class StorageError(UserError):
     """A bucket or path cannot be reached, listed or read."""
 
 
+class StorageUnavailable(StorageError):
+    """Transient storage failures (throttling, 5xx, network) outlasted the retries: not a bad
+    input, so it fails the run (nothing marked complete) instead of becoming an error row."""
+
+
 class WeightsUnavailable(UserError):
     """Requested backbone weights cannot be had; the message names the alternatives."""
 

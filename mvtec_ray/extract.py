@@ -9,7 +9,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -21,21 +21,26 @@ from .config import ExtractConfig
 from .features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
 from .images import (DecodeError, DecodeLimits, apply_augmentation, decode_image, decode_mask,
                      encode_mask_png, make_synthetic_anomaly, params_json, row_rng, sample_augmentation)
+from .errors import StorageUnavailable
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
+NODE_COLUMN = "extract_node"  # per-row Ray node id of the extractor actor (driver-side summary only)
 PLAN_COLUMNS = ["image_id", "uri", "version", "category", "split", "label", "defect_type", "mask_uri",
                 "variants"]
 
 
 # -- planning (pure) ----------------------------------------------------------
-def plan_work(entries: pd.DataFrame, config: ExtractConfig, done_row_ids: set[str] | None = None) -> pd.DataFrame:
+def plan_work(entries: pd.DataFrame, config: ExtractConfig, done_row_ids: set[str] | None = None,
+              known_splits: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per source image with the variants still to produce (comma-separated).
 
     Held-out train images (val_good) also give the synthetic anomalies (val_synthetic), so
-    validation never shares a source image with training.
+    validation never shares a source image with training. ``known_splits`` (image_id -> split of
+    an earlier run) keeps earlier images where they were: a grown dataset only adds images.
     """
     done = done_row_ids or set()
+    known = known_splits or {}
     rows = []
     for category, group in entries.groupby("category", sort=True):
         train = group[group["split"] == "train"].sort_values("image_id")
@@ -43,8 +48,12 @@ def plan_work(entries: pd.DataFrame, config: ExtractConfig, done_row_ids: set[st
         if config.holdout_fraction > 0 and len(train) > 1:
             n_hold = max(config.min_holdout, int(round(config.holdout_fraction * len(train))))
             n_hold = min(n_hold, len(train) - 1)
-        order = row_rng(config.seed, category, "holdout").permutation(len(train))
-        held = set(train["image_id"].iloc[order[:n_hold]])
+        ids = list(train["image_id"])
+        held = {i for i in ids if known.get(i) == "val_good"}
+        # only images never extracted are drawn; on a fresh run that is all of them, as before
+        new = [i for i in ids if known.get(i) not in ("train", "val_good")]
+        order = row_rng(config.seed, category, "holdout").permutation(len(new))
+        held |= {new[k] for k in order[:max(0, n_hold - len(held))]}
         for row in group.itertuples(index=False):
             if row.split == "test":
                 split, variants = "test", ["orig"]
@@ -75,7 +84,7 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
     size = config.image_size
     limits = DecodeLimits(config.max_image_pixels, config.min_image_side)
     out: dict[str, list] = {k: [] for k in ("row_id", "image_id", "source_uri", "source_version", "category",
-                                            "split", "label", "defect_type", "variant", "aug_params", "status",
+                                            "split", "label", "defect_type", "mask_uri", "variant", "aug_params", "status",
                                             "error", "mask_png", "with_patches", "image")}
     blank = np.zeros((size, size, 3), np.uint8)
     for i in range(len(batch["image_id"])):
@@ -91,6 +100,8 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
             error = str(exc)
         except FileNotFoundError:
             error = "file disappeared before it could be read"
+        except StorageUnavailable:
+            raise  # storage down, not a bad image: fail the run (resumable) rather than record an error row
         except Exception as exc:  # noqa: BLE001 - recorded per row, the run goes on
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         for variant in variants:
@@ -113,6 +124,7 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
             out["split"].append(split)
             out["label"].append(row_label)
             out["defect_type"].append(defect_type)
+            out["mask_uri"].append(str(batch["mask_uri"][i]) if split == "test" else "")
             out["variant"].append(variant)
             out["aug_params"].append(params_json(params) if params else "")
             out["status"].append("error" if error else "ok")
@@ -145,8 +157,11 @@ class Extractor:
         self.model = FeatureExtractor(BACKBONES[backbone], weights, patch_dim).to(self.device)
         self.half = self.device.type == "cuda"
         if self.half:
+            # NHWC uint8 input is already channels_last after the permute in normalise()
             self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # one input size all run long: tune kernels once
         self.with_patches = with_patches
+        self.node = _current_node()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -161,7 +176,26 @@ class Extractor:
         if patches is not None:
             batch["patches"] = patches.to(torch.float16).cpu().numpy()
         batch["pooled"][~ok] = 0.0
+        batch[NODE_COLUMN] = np.full(len(ok), self.node, dtype=object)
         return batch
+
+
+def _current_node() -> str:
+    """Ray node id of this process ("" outside Ray): records where rows were extracted."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return ""
+
+
+def _write_shards_keep_node(batch: dict[str, np.ndarray], root: str, storage: Storage,
+                            metadata: dict) -> dict[str, np.ndarray]:
+    """:func:`write_shards`, passing the extractor's node on to the driver (not into the shards)."""
+    node = batch.pop(NODE_COLUMN, None)
+    out = write_shards(batch, root, storage, metadata)
+    out[NODE_COLUMN] = node if node is not None else np.full(len(out["row_id"]), "", dtype=object)
+    return out
 
 
 # -- Ray Data wiring ------------------------------------------------------------
@@ -172,6 +206,7 @@ class ExtractionResult:
     errors: pd.DataFrame  # row_id, image_id, source_uri, category, split, error
     seconds: float
     skipped_existing: int
+    nodes: dict = field(default_factory=dict)  # Ray node id -> rows its extractor actors produced
 
 
 def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_shapes: dict) -> dict:
@@ -200,22 +235,70 @@ def probe_feature_shapes(config: ExtractConfig, weights: ResolvedWeights) -> dic
     return {"pooled_dim": int(pooled.shape[1]), "patch_shape": list(patches.shape[1:])}
 
 
+def _eligible_nodes(required: dict[str, float]) -> list[dict]:
+    """Resources of the alive nodes that offer every resource in ``required``."""
+    import ray
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")
+            and all(n["Resources"].get(k, 0) >= v for k, v in required.items())]
+
+
 def cluster_plan(config: ExtractConfig) -> dict:
-    """Actor pool size, devices and threads from the cluster's resources."""
+    """Actor pool size, devices and threads from the cluster's resources.
+
+    With ``actor_resources`` only the nodes offering them count, and the pool never asks for
+    more actors than they can hold (a fixed-size pool waiting for an unplaceable actor hangs).
+    """
     import ray
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 1))
+    nodes = _eligible_nodes(config.actor_resources)
+    cap = None
+    if config.actor_resources:
+        if nodes:
+            cap = sum(min(int(n.get(k, 0) // v) for k, v in config.actor_resources.items()) for n in nodes)
+            cpus = sum(float(n.get("CPU", 0)) for n in nodes) or cpus
+        else:  # an autoscaler may still add such a node: start small and let it
+            log.warning("no node offers actor_resources %s yet; the extractor actors wait for one",
+                        config.actor_resources)
+    node_cpus = max([float(n.get("CPU", 0)) for n in nodes] or [cpus]) or cpus
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     if use_gpu:
         actors = config.actors or max(1, int(gpus / config.gpus_per_actor))
-        return {"device": "cuda", "actors": actors, "num_gpus": config.gpus_per_actor,
+        plan = {"device": "cuda", "actors": actors, "num_gpus": config.gpus_per_actor,
                 "num_cpus": config.cpus_per_actor, "threads": config.torch_threads or 2}
-    # CPU: leave at least one reader slot free so decode tasks always get scheduled (no deadlock)
-    actors = config.actors or max(1, int((cpus - config.cpus_per_reader) // max(config.cpus_per_actor, 2.0)))
-    threads = config.torch_threads or max(1, int(cpus // actors))
-    return {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": config.cpus_per_actor,
-            "threads": threads}
+    else:
+        # CPU: leave at least one reader slot free so decode tasks always get scheduled (no deadlock)
+        actors = config.actors or max(1, int((cpus - config.cpus_per_reader) // max(config.cpus_per_actor, 2.0)))
+        # threads per actor: its share of the CPUs, never more than one node has
+        threads = config.torch_threads or max(1, int(min(cpus / actors, node_cpus)))
+        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": config.cpus_per_actor,
+                "threads": threads}
+    if cap is not None and plan["actors"] > max(cap, 1):
+        if config.actors:
+            log.warning("actors=%d but the nodes with %s hold only %d; using %d", config.actors,
+                        config.actor_resources, cap, max(cap, 1))
+        plan["actors"] = max(cap, 1)
+        if not config.torch_threads and plan["device"] == "cpu":
+            plan["threads"] = max(1, int(min(cpus / plan["actors"], node_cpus)))
+    # actors hold their CPUs for the whole run: together they must leave a reader slot free, or
+    # the decode tasks feeding them are never scheduled (a silent hang, e.g. 2 GPU actors on 2 CPUs)
+    share = (cpus - config.cpus_per_reader) / plan["actors"]
+    if plan["num_cpus"] > share:
+        # Ray takes whole numbers above 1 and at most 4 decimals below
+        plan["num_cpus"] = float(int(share)) if share >= 1 else max(0.0001, int(share * 1e4) / 1e4)
+    plan["resources"] = dict(config.actor_resources)
+    return plan
+
+
+def _existing_rows(existing: FeatureSet) -> tuple[set[str], dict[str, str]]:
+    """Row ids already written, and each source image's split (synthetic rows count as val_good)."""
+    if not existing.shard_uris():
+        return set(), {}
+    table = existing.read(columns=["row_id", "image_id", "split"])
+    splits = {image_id: "val_good" if split == "val_synthetic" else split
+              for image_id, split in zip(table.column("image_id").to_pylist(), table.column("split").to_pylist())}
+    return set(table.column("row_id").to_pylist()), splits
 
 
 def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, storage: Storage,
@@ -229,9 +312,8 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
     started = time.perf_counter()
     weights = weights or resolve_weights(config.backbone, config.weights, storage)
     out_dir = join(features_root, config.fingerprint())
-    existing = FeatureSet(out_dir, storage)
-    done = existing.row_ids() if storage.exists(out_dir) else set()
-    plan = plan_work(catalog.entries, config, done)
+    done, known_splits = _existing_rows(FeatureSet(out_dir, storage)) if storage.exists(out_dir) else (set(), {})
+    plan = plan_work(catalog.entries, config, done, known_splits)
     metadata = extraction_metadata(config, weights, probe_feature_shapes(config, weights))
     if len(plan) and storage.exists(join(out_dir, SUCCESS)):
         storage.delete_file(join(out_dir, SUCCESS))  # the input grew: not complete until this run ends
@@ -254,15 +336,19 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
                                    "patch_dim": config.patch_dim, "with_patches": config.patch_maps != "none",
                                    "device": resources["device"], "threads": resources["threads"]},
             compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
-            num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"])
-        ds = ds.map_batches(write_shards, fn_kwargs={"root": out_dir, "storage": storage, "metadata": metadata},
+            num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
+            resources=resources["resources"] or None)
+        ds = ds.map_batches(_write_shards_keep_node,
+                            fn_kwargs={"root": out_dir, "storage": storage, "metadata": metadata},
                             batch_size=None, batch_format="numpy", num_cpus=0.25)
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             summaries.append(part.drop(columns=["file"]))
             if progress is not None:
                 progress.append((time.perf_counter() - started, len(part)))
     produced = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(
-        columns=["row_id", "image_id", "source_uri", "category", "split", "status", "error"])
+        columns=["row_id", "image_id", "source_uri", "category", "split", "status", "error", NODE_COLUMN])
+    nodes = {str(k): int(v) for k, v in produced[NODE_COLUMN].value_counts().items() if k} \
+        if NODE_COLUMN in produced else {}
     missing = set(expected_row_ids(plan)) - set(produced["row_id"])
     if missing:
         raise RuntimeError(f"extraction lost {len(missing)} rows (e.g. {sorted(missing)[:3]}); nothing marked complete")
@@ -273,4 +359,4 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
     success = {"rows": int(len(full)), "errors": int(len(errors)), "fingerprint": config.fingerprint(),
                "counts": counts.to_dict(orient="records"), "finished_at": time.time()}
     storage.write_bytes(join(out_dir, SUCCESS), json.dumps(success, indent=2).encode())
-    return ExtractionResult(out_dir, counts, errors, time.perf_counter() - started, len(done))
+    return ExtractionResult(out_dir, counts, errors, time.perf_counter() - started, len(done), nodes)

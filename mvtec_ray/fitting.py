@@ -18,7 +18,6 @@ from .config import EvaluationConfig
 from .detectors import build_detector, detector_class
 from .evaluation import choose_threshold, image_metrics, pixel_auroc, pro_score
 from .features import FeatureSet, PatchChunks
-from .images import decode_mask_png
 from .model_store import save_model
 from .storage import Storage, join
 
@@ -42,14 +41,17 @@ def limited_threads(n: int):
     torch.set_num_threads(n)
     try:
         import faiss
+        previous_faiss = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(n)
     except ImportError:
-        pass
+        faiss = None
     with threadpool_limits(limits=n):
         try:
             yield
         finally:
             torch.set_num_threads(previous)
+            if faiss is not None:
+                faiss.omp_set_num_threads(previous_faiss)
 
 
 def fit_category_detector(features: FeatureSet, category: str, detector_name: str, params: dict,
@@ -59,8 +61,11 @@ def fit_category_detector(features: FeatureSet, category: str, detector_name: st
     metadata = metadata or features.metadata()
     row = {"category": category, "detector": detector_name, "backbone": metadata["backbone"],
            "weights": metadata["weights"], "status": "ok", "error": ""}
+    cpu_started = time.process_time()
     try:
         with limited_threads(max(1, int(threads))):
+            import torch
+            row["threads"] = torch.get_num_threads()  # what the fit really ran with (observable in tests)
             if detector_class(detector_name).input_kind == "patches":
                 return _fit_patches(features, category, detector_name, params, evaluation, out_uri, storage,
                                     row, metadata)
@@ -70,6 +75,9 @@ def fit_category_detector(features: FeatureSet, category: str, detector_name: st
         log.warning("fit %s/%s failed: %s", category, detector_name, traceback.format_exc())
         row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
         return FitOutcome(row)
+    finally:
+        # CPU time of the whole process: with 1 thread, above fit+score seconds means overhead
+        row["cpu_seconds"] = time.process_time() - cpu_started
 
 
 def _counts(split_sizes: dict) -> dict:
@@ -94,7 +102,8 @@ def _score_rows(category, detector_name, split, part: dict, scores, map_files=No
     return [{"category": category, "detector": detector_name, "split": split, "image_id": part["image_id"][i],
              "row_id": part["row_id"][i], "path": part["source_uri"][i], "label": int(part["label"][i]),
              "defect_type": part["defect_type"][i], "score": float(scores[i]),
-             "map_file": map_files[i] if map_files else "", "mask_file": ""} for i in range(len(scores))]
+             "map_file": map_files[i] if map_files else "", "mask_file": part["mask_uri"][i]}
+            for i in range(len(scores))]
 
 
 def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri, storage, row, metadata) -> FitOutcome:
@@ -141,6 +150,7 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
             val_scores.append(scores)
             val_labels.append(part["label"])
             rows += _score_rows(category, detector_name, split, part, scores)
+    from .images import decode_mask_png  # here, not at the top: it imports torchvision (~1 s per Ray worker)
     test_scores, test_labels, maps, masks, map_files = [], [], [], [], []
     n_train = sum(len(c) for c in train)
     for part in features.iter_patches(category, "test", with_masks=True):

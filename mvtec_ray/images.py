@@ -23,50 +23,82 @@ class DecodeError(ValueError):
     """The bytes are not a usable image; the message is the recorded reason."""
 
 
+#: formats decode_image accepts; the rest of Pillow's plugins (EPS via Ghostscript, PSD, ...) are
+#: never tried on untrusted bytes
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "TIFF", "WEBP")  # JPEG also opens MPO files
+#: EXIF orientation -> the transpose that undoes it (as in ImageOps.exif_transpose)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
+    """Peak memory of one decode is about ``max_pixels`` x bytes per pixel of the source (<= 8)."""
+
     max_pixels: int = 60_000_000
     min_side: int = 16
 
 
-def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Bytes -> RGB uint8 array (size, size, 3). Raises :class:`DecodeError` with a reason."""
+def _open(data: bytes, limits: DecodeLimits, what: str = "image") -> Image.Image:
+    """Header only: format, size and the pixel limits are checked before anything is decoded."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise DecodeError(f"image too large ({width}x{height} = {width * height} pixels "
-                                  f"> max_image_pixels {limits.max_pixels})")
-            if min(width, height) < limits.min_side:
-                raise DecodeError(f"image too small ({width}x{height} < {limits.min_side} px)")
-            if image.format == "JPEG":
-                image.draft("RGB", (size, size))  # decode JPEGs at reduced scale: faster, less memory
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            # our own max_pixels applies; Pillow's bomb warning would reject below it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise DecodeError(f"not a readable {what} (unknown format; expected PNG, JPEG, BMP, TIFF or WebP)") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"{what} too large ({_short(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure on untrusted bytes is a decode error
+        raise DecodeError(f"corrupt {what} header: {_short(exc)}") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise DecodeError(f"{what} too large ({width}x{height} = {width * height} pixels "
+                          f"> max_image_pixels {limits.max_pixels})")
+    if min(width, height) < limits.min_side:
+        raise DecodeError(f"{what} too small ({width}x{height} < {limits.min_side} px)")
+    return image
+
+
+def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Bytes -> RGB uint8 array (size, size, 3), EXIF orientation applied.
+
+    Raises :class:`DecodeError` with a reason, and nothing else, whatever the bytes.
+    """
+    image = _open(data, limits)
+    try:
+        if image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (size, size))  # decode JPEGs at reduced scale: faster, less memory
+        image.load()
+        orientation = _orientation(image)
+        image = _small_rgb(image, size)  # shrink before any other full-size copy
+        if orientation in _ORIENTATION:
+            image = image.transpose(_ORIENTATION[orientation])
+        array = np.asarray(image, dtype=np.uint8)
     except DecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(f"not a readable image: {_short(exc)}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(f"corrupt or truncated image: {_short(exc)}") from None
-    return np.asarray(image, dtype=np.uint8)
+    except Exception as exc:  # noqa: BLE001 - e.g. struct.error, IndexError from a broken file
+        raise DecodeError(f"corrupt image ({type(exc).__name__}: {_short(exc)})") from None
+    if array.shape != (size, size, 3):
+        raise DecodeError(f"decoded to an unexpected shape {array.shape}")
+    return array
 
 
-def decode_mask(data: bytes, size: int) -> np.ndarray:
+def decode_mask(data: bytes, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Mask bytes -> bool array (size, size); nearest resampling keeps it binary."""
+    mask = _open(data, DecodeLimits(limits.max_pixels, 1), "mask")
     try:
-        mask = Image.open(io.BytesIO(data))
         mask.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        mask = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
+        return np.asarray(mask) > 127
+    except Exception as exc:  # noqa: BLE001 - any failure on untrusted bytes is a decode error
         raise DecodeError(f"unreadable mask: {_short(exc)}") from None
-    mask = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(mask) > 127
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
@@ -76,19 +108,42 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 127
+    return np.asarray(Image.open(io.BytesIO(data), formats=("PNG",)).convert("L")) > 127
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+        return 1
+
+
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _small_rgb(image: Image.Image, size: int) -> Image.Image:
+    """Any Pillow mode -> RGB (size, size); resized in the source's own depth, converted small."""
+    def shrink(im: Image.Image) -> Image.Image:
+        return im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+    mode = image.mode
+    if mode in _HIGH_BIT_MODES:
+        _, peak = image.getextrema()
+        peak = float(peak) if peak == peak else 0.0  # NaN
+        if mode == "F":
+            top = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0  # [0, 1] floats are common
+        else:
+            # 16-bit sources use the full 16-bit range, as Pillow does for 48-bit RGB PNGs
+            top = 65535.0 if mode.startswith("I;16") or peak > 255 else 255.0
+        small = np.nan_to_num(np.asarray(shrink(image.convert("F")), dtype=np.float32), nan=0.0, posinf=top, neginf=0.0)
+        gray = np.clip(small * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+        small = shrink(image.convert("RGBA"))  # Pillow resizes RGBA premultiplied
+        return Image.alpha_composite(Image.new("RGBA", small.size, (0, 0, 0, 255)), small).convert("RGB")
+    if mode not in ("RGB", "L"):
+        image = image.convert("L" if mode == "1" else "RGB")  # P, CMYK, YCbCr, LAB, HSV, 1
+    return shrink(image).convert("RGB")
 
 
 def _short(exc: BaseException) -> str:

@@ -1,25 +1,46 @@
 """Fitted models on disk or S3: one folder per (category, detector), nothing pickled.
 
-    MODELS/<category>/<detector>/model.json    threshold, feature schema, backbone identity, versions
+    MODELS/<category>/<detector>/model.json    threshold, feature schema, backbone identity, versions,
+                                               sha256 of every detector file
     MODELS/<category>/<detector>/...           the detector's own files (JSON, npz, faiss, skops, state_dict)
     MODELS/manifest.json                       every model with its version (written by fit)
+
+Loading (:func:`load_model`) refuses, with :class:`ModelMismatch` and a one-line message, a model
+whose model.json is malformed or names another category/detector, whose files were changed after
+saving, whose feature schema differs from what the caller expects (backbone, weights sha256, image
+size, patch_dim, pooled_dim, patch_shape), or that was saved with a different major version of a
+package that (de)serialises its state or computes its features (see :data:`MAJOR_MUST_MATCH`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .detectors import Detector, load_detector
 from .errors import ModelMismatch, UserError
 from .storage import Storage, is_s3, join, safe_join
 
+log = logging.getLogger(__name__)
 MODEL_FILE = "model.json"
 MANIFEST = "manifest.json"
+#: bump when model.json changes incompatibly; loading refuses newer formats
+FORMAT_VERSION = 1
 #: what must match between a model and the features it scores
 SCHEMA_KEYS = ("backbone", "weights_sha256", "image_size", "patch_dim", "pooled_dim", "patch_shape")
+#: Version policy. A different MAJOR version of these refuses to load: they write or read the model
+#: files (skops/sklearn estimators, faiss indexes, npz, torch state_dicts) or compute the features, and
+#: a major release may change formats or numerics silently. A different minor version only warns
+#: (scores may move slightly; refit to be sure). Other packages (ray, pyarrow, ...) are not checked.
+MAJOR_MUST_MATCH = ("torch", "torchvision", "scikit-learn", "faiss", "numpy", "mvtec_ray")
+_warned: set[tuple] = set()
 
 
 @dataclass
@@ -37,38 +58,183 @@ class StoredModel:
         return self.info["version"]
 
 
+def runtime_versions() -> dict[str, str]:
+    """Versions of the packages that save/load detector state, in this process."""
+    import sklearn
+    import torch
+    import torchvision
+
+    from . import __version__
+    versions = {"mvtec_ray": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "scikit-learn": sklearn.__version__, "numpy": np.__version__}
+    try:
+        import faiss
+        versions["faiss"] = faiss.__version__
+    except ImportError:
+        pass
+    return versions
+
+
 def save_model(storage: Storage, models_uri: str, category: str, detector: Detector, threshold: float,
                threshold_rule: str, feature_metadata: dict) -> str:
     target = safe_join(models_uri, f"{category}/{detector.name}")
-    info = {"category": category, "detector": detector.name, "threshold": float(threshold),
-            "threshold_rule": threshold_rule, "input_kind": detector.input_kind,
+    info = {"format": FORMAT_VERSION, "category": category, "detector": detector.name,
+            "threshold": float(threshold), "threshold_rule": threshold_rule, "input_kind": detector.input_kind,
             "schema": {k: feature_metadata.get(k) for k in SCHEMA_KEYS},
             "weights": feature_metadata.get("weights"), "pretrained": feature_metadata.get("pretrained"),
             "normalisation": feature_metadata.get("normalisation"),
             "fingerprint": feature_metadata.get("fingerprint"),
-            "versions": feature_metadata.get("versions"), "saved_at": time.time()}
+            # extraction's environment (features) and the fit's (detector state) can differ
+            "versions": feature_metadata.get("versions"), "fit_versions": runtime_versions(),
+            "saved_at": time.time()}
     with tempfile.TemporaryDirectory() as tmp:
         detector.save(tmp)
-        info["files"] = sorted(p.name for p in Path(tmp).iterdir())
+        files = sorted(Path(tmp).iterdir())
+        info["files"] = [p.name for p in files]
+        info["file_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
         info["version"] = f"{feature_metadata.get('fingerprint')}-{int(info['saved_at'])}"
-        Path(tmp, MODEL_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        for path in Path(tmp).iterdir():
+        # model.json last: a folder without it is not a model (a crash mid-save leaves no half model)
+        for path in files:
             storage.write_bytes(join(target, path.name), path.read_bytes())
+        storage.write_bytes(join(target, MODEL_FILE), json.dumps(info, indent=2, sort_keys=True).encode())
     return target
 
 
-def load_model(storage: Storage, models_uri: str, category: str, detector_name: str) -> StoredModel:
+def read_model_info(storage: Storage, models_uri: str, category: str, detector_name: str) -> dict:
+    """model.json of one model, checked for structure; the detector files are not read."""
     source = safe_join(models_uri, f"{category}/{detector_name}")
+    where = f"{category}/{detector_name}"
     if not storage.exists(join(source, MODEL_FILE)):
         raise UserError(f"no fitted {detector_name!r} model for category {category!r} under {models_uri}")
-    info = json.loads(storage.read_bytes(join(source, MODEL_FILE)))
+    try:
+        info = json.loads(storage.read_bytes(join(source, MODEL_FILE)))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelMismatch(f"model {where}: {MODEL_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise ModelMismatch(f"model {where}: {MODEL_FILE} is not a JSON object")
+    missing = [k for k in ("category", "detector", "threshold", "schema", "files", "version", "input_kind")
+               if k not in info]
+    if missing:
+        raise ModelMismatch(f"model {where}: {MODEL_FILE} lacks {', '.join(missing)}")
+    if int(info.get("format", 1)) > FORMAT_VERSION:
+        raise ModelMismatch(f"model {where} has format {info['format']}, newer than this mvtec_ray reads "
+                            f"({FORMAT_VERSION}); upgrade mvtec_ray")
+    if (info["category"], info["detector"]) != (category, detector_name):
+        raise ModelMismatch(f"model folder {where} holds a model.json for {info['category']}/{info['detector']}")
+    schema = info["schema"]
+    if not isinstance(schema, dict) or any(k not in schema for k in SCHEMA_KEYS):
+        raise ModelMismatch(f"model {where}: schema must have {', '.join(SCHEMA_KEYS)}")
+    try:
+        threshold = float(info["threshold"])
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not math.isfinite(threshold):
+        raise ModelMismatch(f"model {where}: threshold {info['threshold']!r} is not a finite number")
+    files = info["files"]
+    if not isinstance(files, list) or not all(isinstance(n, str) for n in files):
+        raise ModelMismatch(f"model {where}: 'files' must be a list of names")
+    for name in files:
+        if "/" in name or "\\" in name or name.startswith(".") or name == MODEL_FILE or not name:
+            raise ModelMismatch(f"model {where}: refusing file name {name!r}")
+    return info
+
+
+def check_versions(info: dict, where: str, current: dict[str, str] | None = None) -> None:
+    """Apply the version policy (:data:`MAJOR_MUST_MATCH`): refuse a major mismatch, warn on a minor one."""
+    current = current or runtime_versions()
+    saved = {**(info.get("versions") or {}), **(info.get("fit_versions") or {})}
+    for package in MAJOR_MUST_MATCH:
+        have, then = current.get(package), saved.get(package)
+        if not have or not then or _release(have) == _release(then):
+            continue
+        if _release(have)[0] != _release(then)[0]:
+            raise ModelMismatch(f"model {where} was saved with {package} {then}, this environment has {have} "
+                                f"(major versions differ: files or features may not match); install {package} "
+                                f"{_release(then)[0]}.x or refit")
+        key = (package, then, have)
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("model %s was saved with %s %s, this environment has %s: scores may differ slightly",
+                        where, package, then, have)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(version).split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_schema(info: dict, expect: dict, where: str) -> None:
+    """Refuse a model whose feature schema differs from ``expect`` (only the keys given there)."""
+    schema = info["schema"]
+    for key, want in expect.items():
+        have = schema.get(key)
+        if _norm(have) != _norm(want):
+            raise ModelMismatch(f"model {where} was fitted on {key}={have!r}, but scoring uses {key}={want!r}; "
+                                f"refit, or score with the model's settings")
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_model(storage: Storage, models_uri: str, category: str, detector_name: str,
+               expect: dict | None = None, probe: bool = False) -> StoredModel:
+    """Load one model, refusing anything that does not match (see the module docstring).
+
+    ``expect``: schema values the model must have (any of :data:`SCHEMA_KEYS`). ``probe``: also score
+    one blank input of the schema's shape, so a detector whose state does not fit its own schema fails
+    here with one line and not later inside a scoring actor.
+    """
+    where = f"{category}/{detector_name}"
+    info = read_model_info(storage, models_uri, category, detector_name)
+    check_versions(info, where)
+    if expect:
+        check_schema(info, expect, where)
+    source = safe_join(models_uri, where)
+    hashes = info.get("file_sha256") or {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in info["files"]:
-            if "/" in name or name.startswith("."):
-                raise UserError(f"refusing model file name {name!r} in {source}")
-            Path(tmp, name).write_bytes(storage.read_bytes(join(source, name)))
-        detector = load_detector(tmp)
+            try:
+                data = storage.read_bytes(join(source, name))
+            except FileNotFoundError:
+                raise ModelMismatch(f"model {where}: file {name} is missing") from None
+            if name in hashes and hashlib.sha256(data).hexdigest() != hashes[name]:
+                raise ModelMismatch(f"model {where}: file {name} changed after the model was saved (sha256)")
+            Path(tmp, name).write_bytes(data)
+        try:
+            detector = load_detector(tmp)
+        except Exception as exc:  # noqa: BLE001 - any loader failure means the same thing to the user
+            raise ModelMismatch(f"model {where} cannot be loaded: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    if detector.name != detector_name or detector.input_kind != info["input_kind"]:
+        raise ModelMismatch(f"model {where} holds a {detector.name!r} ({detector.input_kind}) detector")
+    schema = info["schema"]
+    grid = getattr(detector, "grid_", None)
+    if grid is not None and schema.get("patch_shape") and list(grid) != list(schema["patch_shape"]):
+        raise ModelMismatch(f"model {where} was fitted on patch grid {list(grid)}, but its model.json says "
+                            f"patch_shape={schema['patch_shape']}")
+    if probe:
+        _probe(detector, schema, where)
     return StoredModel(category, detector, info)
+
+
+def _probe(detector: Detector, schema: dict, where: str) -> None:
+    if detector.input_kind == "patches":
+        shape, dtype = schema.get("patch_shape"), np.float16
+    else:
+        shape, dtype = [schema.get("pooled_dim")], np.float32
+    if not shape or any(not isinstance(s, int) or s <= 0 for s in shape):
+        raise ModelMismatch(f"model {where}: schema has no usable {detector.input_kind} shape ({shape!r})")
+    try:
+        scores = np.asarray(detector.score(np.zeros((1, *shape), dtype)))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelMismatch(f"model {where} does not accept {detector.input_kind} features of shape {shape}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    if scores.shape != (1,):
+        raise ModelMismatch(f"model {where} returned {scores.shape} scores for one input")
 
 
 def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
@@ -84,12 +250,8 @@ def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
 
 def check_compatible(model: StoredModel, feature_metadata: dict) -> None:
     """Refuse to score features that differ from those the model was fitted on."""
-    expected = model.info["schema"]
-    for key in SCHEMA_KEYS:
-        have = feature_metadata.get(key)
-        if key in expected and expected[key] != have:
-            raise ModelMismatch(f"model {model.category}/{model.detector.name} was fitted on {key}={expected[key]!r}, "
-                                f"but the features have {key}={have!r}; refit or extract with the model's settings")
+    check_schema(model.info, {k: feature_metadata.get(k) for k in SCHEMA_KEYS if k in model.info["schema"]},
+                 f"{model.category}/{model.detector.name}")
 
 
 def write_manifest(storage: Storage, models_uri: str, entries: list[dict]) -> None:

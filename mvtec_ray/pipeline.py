@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .backbones import RANDOM_WEIGHTS_ID, resolve_weights
-from .catalog import build_catalog
+from .backbones import RANDOM_WEIGHTS_ID, ResolvedWeights, resolve_weights
+from .catalog import Catalog, build_catalog
 from .config import RayConfig, RunConfig
 from .detectors import detector_class
 from .evaluation import summarise
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def connect(config: RayConfig) -> None:
-    """An embedded local Ray (default) or an existing cluster at ``config.address``."""
+    """The cluster at ``config.address``, else the one ``RAY_ADDRESS`` names, else a new embedded Ray."""
     import ray
     if ray.is_initialized():
         return
@@ -36,11 +36,26 @@ def connect(config: RayConfig) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
     ctx.print_on_execution_start = False
-    if config.address:
-        ray.init(address=config.address, logging_level=logging.WARNING, log_to_driver=True)
+    # a UDF's own exception (e.g. StorageUnavailable) reaches the driver as itself, not as a
+    # UserCodeException that drops it: the CLI can then print its one-line message
+    ctx.raise_original_map_exception = True
+    # RAY_ADDRESS (set for `ray job submit` drivers, or exported) means "join that cluster"; an
+    # http:// one is the job server's, for the `ray job` CLI only
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    address = config.address or (env_address if env_address and "://" not in env_address else None)
+    if address:
+        if config.num_cpus and not config.address:
+            log.warning("num_cpus=%d ignored: joining the cluster at RAY_ADDRESS=%s", config.num_cpus, address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        resources = ray.cluster_resources()
+        log.info("joined the Ray cluster at %s: %d node(s), %g CPU(s), %g GPU(s)",
+                 ray.get_runtime_context().gcs_address, len(nodes), resources.get("CPU", 0), resources.get("GPU", 0))
     else:
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=True)
+        # "local": always a new embedded Ray; plain ray.init() would join whatever cluster a
+        # `ray start` recorded in /tmp/ray/ray_current_cluster (and reject num_cpus)
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING, configure_logging=True)
 
 
 def _fit_task_options(config: RunConfig, detector: str) -> dict:
@@ -50,26 +65,43 @@ def _fit_task_options(config: RunConfig, detector: str) -> dict:
     return options
 
 
+#: rough relative single-thread fit+score time per detector at MVTec size (pipelines/benchmark_fit.py)
+_FIT_COST = {"patchcore": 200, "padim": 100, "autoencoder": 20, "mahalanobis": 3, "iforest": 1.5, "elliptic": 1,
+             "ocsvm": 1, "lof": 0.5, "knn": 0.2}
+
+
+def fit_task(*args, **kwargs) -> FitOutcome:
+    """:func:`fit_category_detector` as a Ray task; the row records the node it ran on."""
+    import ray
+    outcome = fit_category_detector(*args, **kwargs)
+    outcome.row["node"] = ray.get_runtime_context().get_node_id()
+    return outcome
+
+
 def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One Ray task per (category, detector); returns (results with mean rows, scores)."""
     import ray
 
     metadata = features.metadata()
     categories = config.categories or features.categories()
-    load_pooled = ray.remote(num_cpus=0.25)(FeatureSet.load_pooled)
-    fit_remote = ray.remote(fit_category_detector)
+    # Same CPU request as a fit (at most 1): a fractional one let Ray run many loads at once, each in a
+    # new worker process that then paid the torch/sklearn imports again for the fits it picked up.
+    load_pooled = ray.remote(num_cpus=min(1.0, config.detectors.cpus_per_task))(FeatureSet.load_pooled)
+    fit_remote = ray.remote(fit_task)
     threads = max(1, int(config.detectors.cpus_per_task))
+    pooled_refs = {}
+    if any(detector_class(name).input_kind == "pooled" for name in config.detectors.names):
+        pooled_refs = {category: load_pooled.remote(features, category) for category in categories}
+    # Longest fits first: the run then ends on short tasks instead of one CPU waiting on a long one.
+    order = sorted(((c, n) for c in categories for n in config.detectors.names),
+                   key=lambda cell: -_FIT_COST.get(cell[1], 1))
     pending = {}
-    for category in categories:
-        pooled_ref = None
-        for name in config.detectors.names:
-            params = config.detectors.params.get(name, {})
-            if detector_class(name).input_kind == "pooled" and pooled_ref is None:
-                pooled_ref = load_pooled.remote(features, category)
-            ref = fit_remote.options(**_fit_task_options(config, name)).remote(
-                features, category, name, params, config.evaluation, out_uri, storage, threads,
-                pooled_ref if detector_class(name).input_kind == "pooled" else None, metadata)
-            pending[ref] = (category, name)
+    for category, name in order:
+        pooled = detector_class(name).input_kind == "pooled"
+        ref = fit_remote.options(**_fit_task_options(config, name)).remote(
+            features, category, name, config.detectors.params.get(name, {}), config.evaluation, out_uri, storage,
+            threads, pooled_refs[category] if pooled else None, metadata)
+        pending[ref] = (category, name)
     log.info("fitting %d (category, detector) tasks", len(pending))
     outcomes: list[FitOutcome] = []
     remaining = list(pending)
@@ -122,15 +154,20 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def run_pipeline(config: RunConfig, features_uri: str | None = None) -> RunOutputs:
-    """catalog -> extract -> fit/evaluate -> results + report, all under ``config.out``."""
+def run_pipeline(config: RunConfig, features_uri: str | None = None, catalog: Catalog | None = None,
+                 weights: ResolvedWeights | None = None) -> RunOutputs:
+    """catalog -> extract -> fit/evaluate -> results + report, all under ``config.out``.
+
+    ``catalog`` and ``weights`` may come from a caller that validated them already (the CLI).
+    """
     storage = Storage(config.s3)
     timings = {}
     started = time.perf_counter()
-    catalog = build_catalog(config.data, storage, config.categories)
+    catalog = catalog or build_catalog(config.data, storage, config.categories)
     for warning in catalog.warnings[:20]:
         log.warning(warning)
-    weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)  # fail before any work
+    # fail before any work
+    weights = weights or resolve_weights(config.extract.backbone, config.extract.weights, storage)
     if weights.weights_id == RANDOM_WEIGHTS_ID:
         log.warning("backbone %s uses RANDOM weights: results are NOT from a pretrained model", config.extract.backbone)
     connect(config.ray)

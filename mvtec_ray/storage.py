@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import posixpath
 import random
+import re
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,12 +20,14 @@ from typing import Callable, Iterator, TypeVar
 import pyarrow.fs as pafs
 
 from .config import S3Settings
-from .errors import StorageError
+from .errors import StorageError, StorageUnavailable
 
 T = TypeVar("T")
 
+# pyarrow reports a bodiless 5xx as "AWS Error UNKNOWN (HTTP status 503)"; bare numbers are not
+# markers (a key name like part-500.png must not make an access error look transient)
 _TRANSIENT_MARKERS = ("SLOW_DOWN", "SlowDown", "Throttl", "INTERNAL_FAILURE", "InternalError",
-                      "SERVICE_UNAVAILABLE", "ServiceUnavailable", "503", "500", "502", "504",
+                      "SERVICE_UNAVAILABLE", "ServiceUnavailable", "HTTP status 5", "HTTP status 429",
                       "Connection reset", "RequestTimeout", "timed out", "NETWORK_CONNECTION")
 
 
@@ -106,10 +110,12 @@ class Storage:
                 raise
             except OSError as exc:
                 message = str(exc)
-                if attempt < attempts and any(m in message for m in _TRANSIENT_MARKERS):
+                transient = is_transient(message)
+                if attempt < attempts and transient:
                     time.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
                     continue
-                raise StorageError(f"{what}: {describe_storage_error(message)}") from None
+                error = StorageUnavailable if transient else StorageError
+                raise error(f"{what}: {describe_storage_error(message)}") from None
         raise AssertionError("unreachable")
 
     def read_bytes(self, uri: str) -> bytes:
@@ -131,10 +137,16 @@ class Storage:
                     handle.write(data)
             self.retry(f"cannot write {uri}", put)
             return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        def put_local() -> None:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with fs.open_output_stream(tmp) as handle:
+                    handle.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)  # a failed write leaves nothing behind
+        self.retry(f"cannot write {uri}", put_local)
 
     def exists(self, uri: str) -> bool:
         fs, path = self.resolve(uri)
@@ -152,9 +164,51 @@ class Storage:
         return self.retry(f"cannot list {uri}", lambda: fs.get_file_info(selector))
 
     def iter_files(self, uri: str) -> Iterator[pafs.FileInfo]:
-        for info in self.list(uri, recursive=True):
-            if info.type == pafs.FileType.File:
-                yield info
+        yield from self.walk(uri)[0]
+
+    def walk(self, uri: str) -> tuple[list[pafs.FileInfo], list[tuple[str, str]]]:
+        """Regular files under ``uri``, and (path, reason) for every entry that is not one.
+
+        Local folders: symlinks are followed, but every folder is listed once (pyarrow's own
+        recursive listing loops through symlink cycles and silently drops broken links and
+        fifos); a symlink to a regular file counts as that file.
+        """
+        if is_s3(uri):
+            infos = self.list(uri, recursive=True)
+            return [i for i in infos if i.type == pafs.FileType.File], []
+        _, root = self.resolve(uri)
+        files: list[pafs.FileInfo] = []
+        special: list[tuple[str, str]] = []
+
+        def unlistable(exc: OSError) -> None:
+            if exc.filename and os.path.abspath(exc.filename) != root:
+                special.append((exc.filename, f"folder cannot be listed: {exc.strerror or exc}"))
+
+        if not os.path.isdir(root):
+            return files, special
+        seen = {_inode(root)}
+        for folder, dirs, names in os.walk(root, onerror=unlistable, followlinks=True):
+            dirs.sort()
+            for name in list(dirs):
+                path = os.path.join(folder, name)
+                key = _inode(path)
+                if key in seen:
+                    dirs.remove(name)
+                    special.append((path, "folder listed already through another path (symlink loop or duplicate)"))
+                seen.add(key)
+            for name in names:
+                path = os.path.join(folder, name)
+                try:
+                    st = os.stat(path)  # follows a file symlink
+                except OSError:
+                    reason = "broken symbolic link" if os.path.islink(path) else "file cannot be read"
+                    special.append((path, reason))
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    files.append(pafs.FileInfo(path, pafs.FileType.File, mtime_ns=st.st_mtime_ns, size=st.st_size))
+                else:
+                    special.append((path, "not a regular file (fifo, socket or device)"))
+        return files, special
 
     def delete_dir(self, uri: str) -> None:
         fs, path = self.resolve(uri)
@@ -172,35 +226,44 @@ class Storage:
     def check_reachable(self, uri: str) -> None:
         """Fail early, with a message a person can act on, when ``uri`` cannot be listed."""
         fs, path = self.resolve(uri)
-        try:
-            info = fs.get_file_info(path)
-        except OSError as exc:
-            raise StorageError(f"cannot reach {uri}: {describe_storage_error(str(exc))}") from None
+        info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(path))
         if info.type == pafs.FileType.NotFound:
             if is_s3(uri):
                 bucket = path.split("/", 1)[0]
-                try:
-                    bucket_info = fs.get_file_info(bucket)
-                except OSError as exc:
-                    raise StorageError(f"cannot reach {uri}: {describe_storage_error(str(exc))}") from None
+                bucket_info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(bucket))
                 if bucket_info.type == pafs.FileType.NotFound:
                     raise StorageError(f"bucket {bucket!r} does not exist (or is not visible with these credentials)")
             raise StorageError(f"not found: {uri}")
+
+
+def _inode(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def is_transient(message: str) -> bool:
+    """Worth retrying: throttling, 5xx, timeouts, dropped connections (not a refused one)."""
+    return any(m in message for m in _TRANSIENT_MARKERS)
 
 
 def describe_storage_error(message: str) -> str:
     """Short, secret-free reason for a pyarrow/AWS error message."""
     text = " ".join(message.split())
     rules = [
-        (("ACCESS_DENIED", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"),
+        (("ACCESS_DENIED", "AccessDenied", "HTTP status 403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+          "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH"),
          "access denied (check the credentials and the bucket policy)"),
         (("NoSuchBucket", "NO_SUCH_BUCKET"), "the bucket does not exist"),
         (("NETWORK_CONNECTION", "Connection refused", "Couldn't connect", "Could not connect",
           "curlCode: 7", "Failed to connect"), "the S3 endpoint cannot be reached (connection refused or down)"),
         (("RequestTimeout", "timed out", "curlCode: 28"), "the S3 endpoint timed out"),
-        (("SLOW_DOWN", "SlowDown", "Throttl"), "throttled by S3 (retries exhausted)"),
+        (("SLOW_DOWN", "SlowDown", "Throttl", "HTTP status 429"), "throttled by S3 (retries exhausted)"),
+        (("INTERNAL_FAILURE", "InternalError", "SERVICE_UNAVAILABLE", "ServiceUnavailable", "HTTP status 5"),
+         "the S3 endpoint keeps answering with server errors{code} (retries exhausted)"),
     ]
+    status = re.search(r"HTTP status (\d{3})", text)
+    code = f", HTTP {status.group(1)}" if status else ""
     for markers, reason in rules:
         if any(m in text for m in markers):
-            return reason
+            return reason.format(code=code)
     return text[:300]

@@ -24,10 +24,11 @@ import numpy as np  # noqa: E402
 def make_images(root: Path, n: int, size: int) -> list[Path]:
     from PIL import Image
     from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+    # the generator's own output stays outside the dataset root (root/data) that gets catalogued
     generate_sample_dataset(root / "_base", categories=["carpet_like"], spec=SampleSpec(
         n_train=8, n_test_good=1, n_test_defect_per_type=1, size=size))
     bases = sorted((root / "_base" / "carpet_like" / "train" / "good").glob("*.png"))
-    train = root / "bench" / "train" / "good"
+    train = root / "data" / "bench" / "train" / "good"
     train.mkdir(parents=True)
     rng = np.random.default_rng(0)
     paths = []
@@ -37,20 +38,57 @@ def make_images(root: Path, n: int, size: int) -> list[Path]:
         path = train / f"{i:04d}.png"
         Image.fromarray(pixels).save(path, compress_level=1)
         paths.append(path)
-    test = root / "bench" / "test" / "good"
+    test = root / "data" / "bench" / "test" / "good"
     test.mkdir(parents=True)
     Image.open(paths[0]).save(test / "0000.png")
     return paths
 
 
-def bare_loop(paths, model, batch_size: int, image_size: int) -> float:
+def tree_cpu_seconds() -> float:
+    """CPU seconds of this process and all its descendants (Ray's raylet, workers, ...), reaped ones
+    included: on a shared machine, CPU per image is what the wall clock cannot tell."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, times = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
+    mine, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parents.items() if p == pid and c not in mine]
+        mine.update(children)
+        frontier.extend(children)
+    return sum(times.get(pid, 0.0) for pid in mine)
+
+
+class Timeline(list):
+    """run_extraction's progress list, also noting CPU seconds at each written batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu: list[float] = []
+
+    def append(self, item) -> None:
+        self.cpu.append(tree_cpu_seconds())
+        super().append(item)
+
+
+def bare_loop(paths, model, batch_size: int, image_size: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image)."""
     import torch
     from mvtec_ray.images import decode_image
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(paths), batch_size):
         batch = np.stack([decode_image(p.read_bytes(), image_size) for p in paths[i:i + batch_size]])
         model(torch.from_numpy(batch))
-    return len(paths) / (time.perf_counter() - started)
+    return len(paths) / (time.perf_counter() - started), (time.process_time() - cpu) / len(paths)
 
 
 def seed_style(paths, model, image_size: int) -> float:
@@ -66,6 +104,36 @@ def seed_style(paths, model, image_size: int) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+def parse_variants(text: str) -> list[dict]:
+    """``"actors=2,torch_threads=1;batch_size=32"`` -> ExtractConfig overrides per variant ("" = defaults)."""
+    import json
+    variants = []
+    for chunk in text.split(";"):
+        overrides = {}
+        for item in filter(None, (part.strip() for part in chunk.split(","))):
+            key, _, value = item.partition("=")
+            try:
+                overrides[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[key.strip()] = value.strip()
+        variants.append(overrides)
+    return variants
+
+
+def ray_run(root: Path, catalog, config, weights, run: int) -> tuple[float, float, float, float, float]:
+    """(end-to-end img/s, seconds, seconds to the first written batch, steady-state img/s,
+    steady-state CPU seconds per image over all Ray processes and the driver)."""
+    from mvtec_ray.extract import run_extraction
+    from mvtec_ray.storage import Storage
+    timeline = Timeline()
+    result = run_extraction(catalog, str(root / f"features-{run}"), config, Storage(), weights, progress=timeline)
+    total_rows = sum(n for _, n in timeline)
+    first_time, first_rows = timeline[0]
+    steady = (total_rows - first_rows) / max(1e-9, timeline[-1][0] - first_time)
+    cpu = (timeline.cpu[-1] - timeline.cpu[0]) / max(1, total_rows - first_rows)
+    return total_rows / result.seconds, result.seconds, first_time, steady, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
@@ -75,6 +143,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed-style-images", type=int, default=60, help="images for the slow one-at-a-time loop")
+    parser.add_argument("--variants", default="", help="ExtractConfig overrides to compare, ';' between variants, "
+                        "e.g. 'actors=1,torch_threads=2;actors=2,torch_threads=1' ('' = the defaults)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of (bare loop, each variant)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -88,6 +159,7 @@ def main() -> None:
     print(f"backbone {args.backbone}, weights {weights.weights_id} (speed does not depend on the weights' values)")
     torch.set_num_threads(args.threads)
     model = FeatureExtractor(BACKBONES[args.backbone], weights.state_dict)
+    variants = parse_variants(args.variants)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -96,34 +168,47 @@ def main() -> None:
         print(f"generated {len(paths)} PNGs of {args.size}x{args.size} in {time.perf_counter() - started:.1f}s")
         model(torch.zeros((2, args.image_size, args.image_size, 3), dtype=torch.uint8))  # warm-up
 
-        bare = bare_loop(paths, model, args.batch_size, args.image_size)
-        print(f"bare loop (batch {args.batch_size}, {args.threads} threads): {bare:.2f} img/s")
-        seed = seed_style(paths[:args.seed_style_images], model, args.image_size)
-        print(f"one image at a time ({args.seed_style_images} images): {seed:.2f} img/s")
+        seed = None
+        if args.seed_style_images:
+            seed = seed_style(paths[:args.seed_style_images], model, args.image_size)
+            print(f"one image at a time ({args.seed_style_images} images): {seed:.2f} img/s")
 
         from mvtec_ray.catalog import build_catalog
         from mvtec_ray.config import ExtractConfig, RayConfig
-        from mvtec_ray.extract import run_extraction
+        from mvtec_ray.extract import cluster_plan
         from mvtec_ray.pipeline import connect
         from mvtec_ray.storage import Storage
         started = time.perf_counter()
         connect(RayConfig())
         print(f"ray start: {time.perf_counter() - started:.1f}s")
-        config = ExtractConfig(backbone=args.backbone, weights="random" if not weights.pretrained else "imagenet",
-                               image_size=args.image_size, batch_size=args.batch_size, holdout_fraction=0.0,
-                               synthetic_per_image=0)
-        catalog = build_catalog(str(root), Storage())
-        timeline: list[tuple[float, int]] = []
-        result = run_extraction(catalog, str(root / "features"), config, Storage(), weights, progress=timeline)
-        total_rows = sum(n for _, n in timeline)
-        first_time, first_rows = timeline[0]
-        steady = (total_rows - first_rows) / max(1e-9, timeline[-1][0] - first_time)
-        end_to_end = total_rows / result.seconds
-        print(f"ray data pipeline: {end_to_end:.2f} img/s end to end ({result.seconds:.1f}s, of which "
-              f"{first_time:.1f}s until the first batch was written: actor start-up and pipeline fill), "
-              f"{steady:.2f} img/s at steady state")
-        print(f"one-at-a-time/bare={seed / bare:.2f}")
-        print(f"ray/bare={steady / bare:.2f}")
+        catalog = build_catalog(str(root / "data"), Storage())
+        configs = [ExtractConfig(**{"backbone": args.backbone, "weights": "imagenet" if weights.pretrained else "random",
+                                    "image_size": args.image_size, "batch_size": args.batch_size,
+                                    "holdout_fraction": 0.0, "synthetic_per_image": 0, **overrides})
+                   for overrides in variants]
+        ratios: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+        run = 0
+        for repeat in range(args.repeats):
+            for i, (overrides, config) in enumerate(zip(variants, configs)):
+                # bare right before each Ray run: the machine is shared, so compare neighbours only
+                bare, bare_cpu = bare_loop(paths, model, args.batch_size, args.image_size)
+                print(f"[{repeat}] bare loop (batch {args.batch_size}, {args.threads} threads): {bare:.2f} img/s, "
+                      f"{bare_cpu:.3f} CPU-s/img")
+                end_to_end, seconds, first, steady, ray_cpu = ray_run(root, catalog, config, weights, run)
+                run += 1
+                label = ",".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
+                print(f"[{repeat}] ray data pipeline ({label}; plan {cluster_plan(config)}): {end_to_end:.2f} img/s "
+                      f"end to end ({seconds:.1f}s, of which {first:.1f}s until the first batch was written: "
+                      f"actor start-up and pipeline fill), {steady:.2f} img/s at steady state, "
+                      f"{ray_cpu:.3f} CPU-s/img, ray/bare={steady / bare:.2f}")
+                ratios[i].append(steady / bare)
+        if seed is not None:
+            print(f"one-at-a-time/bare={seed / bare:.2f}")
+        for i, overrides in enumerate(variants):
+            label = ",".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
+            values = ", ".join(f"{r:.2f}" for r in ratios[i])
+            print(f"variant {label}: ray/bare per round {values}; median {float(np.median(ratios[i])):.2f}")
+        print(f"ray/bare={float(np.median(ratios[0])):.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,273 @@
+"""Scoring throughput and memory: the Ray Data `score` job vs a bare single-process loop; memory at N and 4N.
+
+    python pipelines/benchmark_score.py [--images 1000] [--mem-images 250,1000] [--size 256] [--batch-size 16]
+
+1. Fits knn + patchcore on one generated category (``run_pipeline``, EfficientNet-Lite0, offline weights).
+2. Writes distinct 256 px PNGs (generated normals and defects plus per-image noise).
+3. Each measurement runs in its own fresh process (own Ray), so peaks do not carry over:
+   * ray: ``run_scoring`` on an embedded Ray, timed from the call (Ray start excluded; model checks,
+     listing and actor start included);
+   * bare: decode (``prepare_batch``) + features and detectors (``Scorer``) + shard writing
+     (``write_score_shards``) in one process, same batch size and torch/faiss/BLAS threads as the actor.
+   Speed: ray vs bare on N images. Memory: the ray job at SMALL and LARGE = 4 x SMALL images. The default
+   SMALL,LARGE is N/4,N so the N run is reused (on the shared 2-core machine 1000 + 4000 images took
+   too long); ``--mem-images 1000,4000`` measures 4N = 4000 explicitly.
+   Driver peak RSS: ``getrusage(RUSAGE_SELF).ru_maxrss`` of that process. Worker peak RSS: ``VmHWM``
+   from ``/proc/<pid>/status`` of every ``ray::`` process descending from that driver, sampled every
+   0.5 s (VmHWM is the kernel's own per-process peak, so sampling only has to see each worker alive).
+Prints ``ray/bare=``, ``driver_mem_4N/N=`` and ``worker_mem_4N/N=`` last. Linux only (/proc).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+
+CATEGORY = "washer"
+DETECTORS = ["knn", "patchcore"]
+
+
+# -- setup (parent process) -------------------------------------------------------------
+def fit_models(work: Path, size: int, image_size: int, num_cpus: int) -> Path:
+    from mvtec_ray.config import load_config
+    from mvtec_ray.pipeline import run_pipeline
+    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+    data = work / "train-data"
+    generate_sample_dataset(data, categories=[CATEGORY], seed=1,
+                            spec=SampleSpec(n_train=24, n_test_good=4, n_test_defect_per_type=2, size=size))
+    config = load_config(None, {"data": str(data), "out": str(work / "fit"), "extract.backbone": "efficientnet_lite0",
+                                "extract.image_size": image_size, "detectors.names": DETECTORS,
+                                "ray.num_cpus": num_cpus})
+    outputs = run_pipeline(config)
+    table = outputs.results[outputs.results["category"] == CATEGORY][["detector", "image_auroc", "status"]]
+    print("fitted: " + ", ".join(f"{r.detector} (test AUROC {r.image_auroc:.3f}, {r.status})"
+                                 for r in table.itertuples()), flush=True)
+    import ray
+    ray.shutdown()
+    return work / "fit" / "models"
+
+
+def make_images(folder: Path, n: int, size: int) -> None:
+    """n distinct PNGs: rendered normals (and a few defects) plus per-image noise."""
+    from PIL import Image
+    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+    generate_sample_dataset(folder / "_base", categories=[CATEGORY], seed=7,
+                            spec=SampleSpec(n_train=32, n_test_good=0, n_test_defect_per_type=2, size=size))
+    bases = [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
+             for p in sorted((folder / "_base").rglob("*.png")) if "ground_truth" not in p.parts]
+    target = folder / CATEGORY
+    target.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        noise = rng.integers(-4, 5, size=bases[0].shape, dtype=np.int16)
+        pixels = np.clip(bases[i % len(bases)] + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(target / f"{i:06d}.png", compress_level=1)
+    shutil.rmtree(folder / "_base")
+
+
+def subset(source: Path, folder: Path, n: int) -> Path:
+    """The first n images of ``source`` as hard links (same bytes, no copy)."""
+    (folder / CATEGORY).mkdir(parents=True)
+    for path in sorted((source / CATEGORY).glob("*.png"))[:n]:
+        os.link(path, folder / CATEGORY / path.name)
+    return folder
+
+
+def child(args: list[str]) -> dict:
+    """Run one measurement in a fresh process; it prints one JSON line last."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"measurement {args[:2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["load"] = os.getloadavg()[1]  # 5-minute load average: the machine is shared, say how busy it was
+    return result
+
+
+# -- measurements (child processes) ------------------------------------------------------------
+class WorkerMemory:
+    """Peak RSS (VmHWM) of every ``ray::`` process descending from this one, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.5):
+        self.peaks: dict[int, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def __enter__(self) -> "WorkerMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(interval)
+
+    def sample(self) -> None:
+        parents = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    stat = Path(entry.path, "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        mine, frontier = set(), {os.getpid()}
+        while frontier:  # descendants of this driver only: other Ray clusters on the machine are ignored
+            frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+            mine |= frontier
+        for pid in mine:
+            try:
+                name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                if not name.startswith("ray::"):
+                    continue
+                status = Path(f"/proc/{pid}/status").read_text()
+                hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+            except (OSError, StopIteration, ValueError):
+                continue
+            old = self.peaks.get(pid, (name, 0))
+            self.peaks[pid] = (name if name != "ray::IDLE" else old[0], max(old[1], hwm))
+
+    def summary(self) -> dict:
+        values = [kib for _, kib in self.peaks.values()]
+        top = max(self.peaks.values(), key=lambda v: v[1], default=("", 0))
+        return {"worker_max_mb": max(values, default=0) / 1024, "worker_sum_mb": sum(values) / 1024,
+                "workers": len(values), "worker_max_name": top[0]}
+
+
+def driver_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_ray(models: str, images: str, out: str, batch_size: int, num_cpus: int) -> dict:
+    from mvtec_ray.config import RayConfig, load_config
+    from mvtec_ray.pipeline import connect
+    from mvtec_ray.scoring import run_scoring
+    config = load_config(None, {"out": out, "extract.batch_size": batch_size})
+    connect(RayConfig(num_cpus=num_cpus))
+    with WorkerMemory() as memory:
+        summary = run_scoring(config, models_uri=models, images_uri=images, detectors=DETECTORS)
+        memory.sample()
+    from mvtec_ray.config import ExtractConfig
+    from mvtec_ray.extract import cluster_plan
+    plan = cluster_plan(ExtractConfig())
+    return {"images": summary.scored_images, "errors": summary.errors, "seconds": summary.seconds,
+            "driver_peak_mb": driver_peak_mb(), "threads": plan["threads"], "actors": plan["actors"],
+            **memory.summary()}
+
+
+def measure_bare(models: str, images: str, out: str, batch_size: int, threads: int) -> dict:
+    """decode + features + detectors + shard writing, one process, no Ray."""
+    from mvtec_ray.backbones import resolve_weights
+    from mvtec_ray.config import ExtractConfig
+    from mvtec_ray.model_store import list_models, load_model
+    from mvtec_ray.scoring import Scorer, _prepare_or_reject, iter_listing, write_score_shards
+    from mvtec_ray.storage import Storage
+    storage = Storage()
+    started = time.perf_counter()
+    pairs = [p for p in list_models(storage, models) if p[1] in DETECTORS]
+    info = load_model(storage, models, *pairs[0]).info
+    schema = info["schema"]
+    weights = resolve_weights(schema["backbone"], "imagenet", storage)
+    config = ExtractConfig(backbone=schema["backbone"], image_size=schema["image_size"], batch_size=batch_size)
+    scorer = Scorer(models, pairs, storage, schema["backbone"], weights.state_dict, schema["patch_dim"],
+                    map_size=128, threads=threads, scored_at=time.time())
+    setup = time.perf_counter() - started
+    listing = next(iter_listing(storage, images, [c for c, _ in pairs], None, chunk=10 ** 9))
+    started = time.perf_counter()
+    scored = 0
+    for i in range(0, len(listing), batch_size):
+        part = listing.iloc[i:i + batch_size]
+        batch = _prepare_or_reject({k: part[k].to_numpy(dtype=object) for k in part.columns}, config, storage)
+        counts = write_score_shards(scorer(batch), out, storage)
+        scored += int(counts["images"].sum())
+    seconds = time.perf_counter() - started
+    return {"images": scored, "seconds": seconds, "setup_seconds": setup, "driver_peak_mb": driver_peak_mb()}
+
+
+# -- orchestration -------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000, help="N: images for the speed comparison")
+    parser.add_argument("--mem-images", default=None,
+                        help="SMALL,LARGE image counts of the memory comparison (default N/4,N: the N run is reused, "
+                             "so the default costs N/4 extra images, not 4N; e.g. 1000,4000)")
+    parser.add_argument("--size", type=int, default=256, help="PNG side in pixels")
+    parser.add_argument("--image-size", type=int, default=224, help="model input size")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--work", help="keep inputs and outputs here (default: a temporary folder)")
+    parser.add_argument("--child", choices=["ray", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--models", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "ray":
+        print(json.dumps(measure_ray(args.models, args.input, args.out, args.batch_size, args.num_cpus)))
+        return
+    if args.child == "bare":
+        print(json.dumps(measure_bare(args.models, args.input, args.out, args.batch_size, args.threads)))
+        return
+
+    n = args.images
+    small, large = (int(v) for v in args.mem_images.split(",")) if args.mem_images else (max(1, n // 4), n)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-score-"))
+    started = time.perf_counter()
+    models = fit_models(work, args.size, args.image_size, args.num_cpus)
+    print(f"fit: {time.perf_counter() - started:.1f}s", flush=True)
+    started = time.perf_counter()
+    sizes = sorted({n, small, large})
+    make_images(work / "all", sizes[-1], args.size)
+    inputs = {k: subset(work / "all", work / f"in-{k}", k) for k in sizes}
+    print(f"generated {sizes[-1]} distinct PNGs of {args.size}x{args.size} in {time.perf_counter() - started:.1f}s",
+          flush=True)
+    common = ["--models", str(models), "--batch-size", str(args.batch_size), "--num-cpus", str(args.num_cpus)]
+
+    runs = {}
+    for k in sorted({n, small, large}, key=lambda k: (k != n, k)):  # N first, then the bare loop right after it
+        m = runs[k] = child(["--child", "ray", "--input", str(inputs[k]), "--out", str(work / f"out-ray-{k}"), *common])
+        print(f"ray  {k} images: {m['images']} scored in {m['seconds']:.1f}s = {m['images'] / m['seconds']:.2f} img/s "
+              f"(run_scoring wall time incl. model checks and actor start; {m['actors']} actor x {m['threads']} "
+              f"threads; load average {m['load']:.1f})", flush=True)
+        if k == n:
+            bare = child(["--child", "bare", "--input", str(inputs[n]), "--out", str(work / "out-bare"),
+                          "--threads", str(m["threads"]), *common])
+            print(f"bare {n} images: {bare['images']} scored in {bare['seconds']:.1f}s = "
+                  f"{bare['images'] / bare['seconds']:.2f} img/s (decode + features + detectors + shard writes in one "
+                  f"process, batch {args.batch_size}, {m['threads']} threads; {bare['setup_seconds']:.1f}s model "
+                  f"loading not counted; load average {bare['load']:.1f}); "
+                  f"driver peak RSS {bare['driver_peak_mb']:.0f} MB", flush=True)
+    for k in (small, large):
+        m = runs[k]
+        print(f"memory at {k} images: driver peak RSS {m['driver_peak_mb']:.0f} MB; workers: {m['workers']} ray:: "
+              f"processes, largest peak {m['worker_max_mb']:.0f} MB ({m['worker_max_name']}), "
+              f"sum of peaks {m['worker_sum_mb']:.0f} MB")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    assert bare["images"] == n and all(runs[k]["images"] == k for k in runs), (bare, runs)
+    ratio = "4N/N" if large == 4 * small else f"{large}/{small}"
+    print(f"memory compared at N={small} and {large} images")
+    print(f"ray/bare={(runs[n]['images'] / runs[n]['seconds']) / (bare['images'] / bare['seconds']):.2f}")
+    print(f"driver_mem_{ratio}={runs[large]['driver_peak_mb'] / runs[small]['driver_peak_mb']:.2f}")
+    print(f"worker_mem_{ratio}={runs[large]['worker_max_mb'] / runs[small]['worker_max_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
