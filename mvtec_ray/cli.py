@@ -261,7 +261,9 @@ def _one_line(exc: BaseException) -> str:
 def job_main(command: str, argv: list[str] | None = None) -> int:
     """Entry for ``pipelines/<job>.py``: inside a submitted Ray job (RAY_ADDRESS set) use that cluster."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("RAY_ADDRESS") and "--address" not in argv:
+    address = os.environ.get("RAY_ADDRESS", "")
+    # an http:// RAY_ADDRESS is the job server's (for the `ray job` CLI), not one to join
+    if address and "://" not in address and "--address" not in argv:
         argv += ["--address", "auto"]
     return main([command, *argv])
 

@@ -328,8 +328,12 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
         # small blocks so decode work spreads over readers from the start
         blocks = [plan.iloc[i:i + 4] for i in range(0, len(plan), 4)]
         ds = ray.data.from_pandas(blocks)
+        import os  # EXPERIMENT (temporary)
+        exp = os.environ.get("MVTEC_EXP_CAPS") == "1"
+        reader_kw = {"compute": ray.data.TaskPoolStrategy(size=max(1, resources["actors"]))} if exp else {}
+        writer_kw = {"compute": ray.data.TaskPoolStrategy(size=max(1, (resources["actors"] + 1) // 2))} if exp else {}
         ds = ds.map_batches(prepare_batch, fn_kwargs={"config": config, "storage": storage},
-                            batch_size=4, batch_format="numpy", num_cpus=config.cpus_per_reader)
+                            batch_size=4, batch_format="numpy", num_cpus=config.cpus_per_reader, **reader_kw)
         ds = ds.map_batches(
             Extractor, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs={"backbone": config.backbone, "weights": weights_ref,
@@ -340,7 +344,7 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
             resources=resources["resources"] or None)
         ds = ds.map_batches(_write_shards_keep_node,
                             fn_kwargs={"root": out_dir, "storage": storage, "metadata": metadata},
-                            batch_size=None, batch_format="numpy", num_cpus=0.25)
+                            batch_size=None, batch_format="numpy", num_cpus=0.25, **writer_kw)
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             summaries.append(part.drop(columns=["file"]))
             if progress is not None:

@@ -20,7 +20,7 @@ from .detectors import detector_class
 from .evaluation import summarise
 from .extract import ExtractionResult, run_extraction
 from .features import FeatureSet
-from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector
+from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task
 from .model_store import write_manifest
 from .storage import Storage, join
 
@@ -68,14 +68,6 @@ def _fit_task_options(config: RunConfig, detector: str) -> dict:
 #: rough relative single-thread fit+score time per detector at MVTec size (pipelines/benchmark_fit.py)
 _FIT_COST = {"patchcore": 200, "padim": 100, "autoencoder": 20, "mahalanobis": 3, "iforest": 1.5, "elliptic": 1,
              "ocsvm": 1, "lof": 0.5, "knn": 0.2}
-
-
-def fit_task(*args, **kwargs) -> FitOutcome:
-    """:func:`fit_category_detector` as a Ray task; the row records the node it ran on."""
-    import ray
-    outcome = fit_category_detector(*args, **kwargs)
-    outcome.row["node"] = ray.get_runtime_context().get_node_id()
-    return outcome
 
 
 def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -44,9 +44,9 @@ def make_images(root: Path, n: int, size: int) -> list[Path]:
     return paths
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds of this process and all its descendants (Ray's raylet, workers, ...), reaped ones
-    included: on a shared machine, CPU per image is what the wall clock cannot tell."""
+def tree_cpu_seconds() -> dict[int, float]:
+    """pid -> CPU seconds of this process and all its descendants (Ray's raylet, workers, ...): on
+    a shared machine, CPU per image is what the wall clock cannot tell."""
     tick = os.sysconf("SC_CLK_TCK")
     parents, times = {}, {}
     for entry in os.listdir("/proc"):
@@ -65,18 +65,23 @@ def tree_cpu_seconds() -> float:
         children = [c for c, p in parents.items() if p == pid and c not in mine]
         mine.update(children)
         frontier.extend(children)
-    return sum(times.get(pid, 0.0) for pid in mine)
+    return {pid: times[pid] for pid in mine if pid in times}
 
 
 class Timeline(list):
-    """run_extraction's progress list, also noting CPU seconds at each written batch."""
+    """run_extraction's progress list, also adding up CPU seconds between written batches
+    (per process, so workers that exit in between do not subtract their past)."""
 
     def __init__(self):
         super().__init__()
         self.cpu: list[float] = []
+        self._last: dict[int, float] = {}
 
     def append(self, item) -> None:
-        self.cpu.append(tree_cpu_seconds())
+        now = tree_cpu_seconds()
+        used = sum(max(0.0, t - self._last.get(pid, 0.0)) for pid, t in now.items())
+        self.cpu.append((self.cpu[-1] + used) if self.cpu else 0.0)
+        self._last = now
         super().append(item)
 
 
@@ -182,9 +187,11 @@ def main() -> None:
         connect(RayConfig())
         print(f"ray start: {time.perf_counter() - started:.1f}s")
         catalog = build_catalog(str(root / "data"), Storage())
+        # "env.NAME=value" sets a driver environment variable for that variant (experiments)
         configs = [ExtractConfig(**{"backbone": args.backbone, "weights": "imagenet" if weights.pretrained else "random",
                                     "image_size": args.image_size, "batch_size": args.batch_size,
-                                    "holdout_fraction": 0.0, "synthetic_per_image": 0, **overrides})
+                                    "holdout_fraction": 0.0, "synthetic_per_image": 0,
+                                    **{k: v for k, v in overrides.items() if not k.startswith("env.")}})
                    for overrides in variants]
         ratios: dict[int, list[float]] = {i: [] for i in range(len(configs))}
         run = 0
@@ -194,7 +201,14 @@ def main() -> None:
                 bare, bare_cpu = bare_loop(paths, model, args.batch_size, args.image_size)
                 print(f"[{repeat}] bare loop (batch {args.batch_size}, {args.threads} threads): {bare:.2f} img/s, "
                       f"{bare_cpu:.3f} CPU-s/img")
-                end_to_end, seconds, first, steady, ray_cpu = ray_run(root, catalog, config, weights, run)
+                env = {k[4:]: str(v) for k, v in overrides.items() if k.startswith("env.")}
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    end_to_end, seconds, first, steady, ray_cpu = ray_run(root, catalog, config, weights, run)
+                finally:
+                    for k, v in saved.items():
+                        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
                 run += 1
                 label = ",".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
                 print(f"[{repeat}] ray data pipeline ({label}; plan {cluster_plan(config)}): {end_to_end:.2f} img/s "

@@ -87,9 +87,10 @@ def subset(source: Path, folder: Path, n: int) -> Path:
     return folder
 
 
-def child(args: list[str]) -> dict:
+def child(args: list[str], env: dict | None = None) -> dict:
     """Run one measurement in a fresh process; it prints one JSON line last."""
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise SystemExit(f"measurement {args[:2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -98,34 +99,50 @@ def child(args: list[str]) -> dict:
 
 
 # -- measurements (child processes) ------------------------------------------------------------
-class WorkerMemory:
-    """Peak RSS (VmHWM) of every ``ray::`` process descending from this one, sampled in a thread."""
+class ProcessMonitor:
+    """Memory and CPU of the processes descending from this one (this Ray's workers, raylet, GCS).
 
-    def __init__(self, interval: float = 0.5):
-        self.peaks: dict[int, tuple[str, int]] = {}
+    Per ``ray::`` worker: ``VmHWM`` (the kernel's peak RSS, which also counts the object store's shared
+    pages the worker touched: bounded by the store's size) and the sampled peak of ``RssAnon`` (its
+    private memory: what would grow if a worker held per-image state). CPU: utime + stime of every
+    descendant, minus what they had used before :meth:`start`.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        self.hwm: dict[int, int] = {}
+        self.anon: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.cpu: dict[int, float] = {}
+        self.cpu_before: dict[int, float] = {}
+        self._interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "WorkerMemory":
+    def __enter__(self) -> "ProcessMonitor":
+        self.sample()
+        self.cpu_before = dict(self.cpu)
+        self._self_cpu = _own_cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
+        self.own_cpu = _own_cpu() - self._self_cpu
 
-    def _run(self, interval: float) -> None:
-        while not self._stop.is_set():
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
             self.sample()
-            self._stop.wait(interval)
 
     def sample(self) -> None:
-        parents = {}
+        parents, ticks = {}, {}
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
                 try:
-                    stat = Path(entry.path, "stat").read_text()
-                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                    fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                    parents[int(entry.name)] = int(fields[1])
+                    ticks[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
                 except (OSError, ValueError, IndexError):
                     continue
         mine, frontier = set(), {os.getpid()}
@@ -133,22 +150,33 @@ class WorkerMemory:
             frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
             mine |= frontier
         for pid in mine:
+            self.cpu[pid] = ticks[pid]
             try:
                 name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                if not name.startswith("ray::"):
-                    continue
-                status = Path(f"/proc/{pid}/status").read_text()
-                hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
-            except (OSError, StopIteration, ValueError):
+                status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                              if ":" in line)
+                hwm, anon = int(status["VmHWM"].split()[0]), int(status["RssAnon"].split()[0])
+            except (OSError, KeyError, ValueError):
                 continue
-            old = self.peaks.get(pid, (name, 0))
-            self.peaks[pid] = (name if name != "ray::IDLE" else old[0], max(old[1], hwm))
+            if not name.startswith("ray::"):
+                continue
+            if name != "ray::IDLE" or pid not in self.names:
+                self.names[pid] = name
+            self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
+            self.anon[pid] = max(self.anon.get(pid, 0), anon)
 
     def summary(self) -> dict:
-        values = [kib for _, kib in self.peaks.values()]
-        top = max(self.peaks.values(), key=lambda v: v[1], default=("", 0))
-        return {"worker_max_mb": max(values, default=0) / 1024, "worker_sum_mb": sum(values) / 1024,
-                "workers": len(values), "worker_max_name": top[0]}
+        top = max(self.anon, key=self.anon.get, default=None)
+        cpu = sum(v - self.cpu_before.get(pid, 0.0) for pid, v in self.cpu.items()) + self.own_cpu
+        return {"worker_hwm_mb": max(self.hwm.values(), default=0) / 1024,
+                "worker_anon_mb": max(self.anon.values(), default=0) / 1024,
+                "worker_sum_hwm_mb": sum(self.hwm.values()) / 1024, "workers": len(self.hwm),
+                "worker_top_name": self.names.get(top, ""), "cpu_seconds": cpu}
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def driver_peak_mb() -> float:
@@ -156,20 +184,18 @@ def driver_peak_mb() -> float:
 
 
 def measure_ray(models: str, images: str, out: str, batch_size: int, num_cpus: int) -> dict:
-    from mvtec_ray.config import RayConfig, load_config
+    from mvtec_ray.config import ExtractConfig, RayConfig, load_config
+    from mvtec_ray.extract import cluster_plan
     from mvtec_ray.pipeline import connect
     from mvtec_ray.scoring import run_scoring
     config = load_config(None, {"out": out, "extract.batch_size": batch_size})
     connect(RayConfig(num_cpus=num_cpus))
-    with WorkerMemory() as memory:
+    with ProcessMonitor() as monitor:
         summary = run_scoring(config, models_uri=models, images_uri=images, detectors=DETECTORS)
-        memory.sample()
-    from mvtec_ray.config import ExtractConfig
-    from mvtec_ray.extract import cluster_plan
     plan = cluster_plan(ExtractConfig())
     return {"images": summary.scored_images, "errors": summary.errors, "seconds": summary.seconds,
             "driver_peak_mb": driver_peak_mb(), "threads": plan["threads"], "actors": plan["actors"],
-            **memory.summary()}
+            **monitor.summary()}
 
 
 def measure_bare(models: str, images: str, out: str, batch_size: int, threads: int) -> dict:
@@ -190,7 +216,7 @@ def measure_bare(models: str, images: str, out: str, batch_size: int, threads: i
                     map_size=128, threads=threads, scored_at=time.time())
     setup = time.perf_counter() - started
     listing = next(iter_listing(storage, images, [c for c, _ in pairs], None, chunk=10 ** 9))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _own_cpu()
     scored = 0
     for i in range(0, len(listing), batch_size):
         part = listing.iloc[i:i + batch_size]
@@ -198,7 +224,8 @@ def measure_bare(models: str, images: str, out: str, batch_size: int, threads: i
         counts = write_score_shards(scorer(batch), out, storage)
         scored += int(counts["images"].sum())
     seconds = time.perf_counter() - started
-    return {"images": scored, "seconds": seconds, "setup_seconds": setup, "driver_peak_mb": driver_peak_mb()}
+    return {"images": scored, "seconds": seconds, "setup_seconds": setup, "driver_peak_mb": driver_peak_mb(),
+            "cpu_seconds": _own_cpu() - cpu}
 
 
 # -- orchestration -------------------------------------------------------------------------
@@ -243,31 +270,36 @@ def main() -> None:
     runs = {}
     for k in sorted({n, small, large}, key=lambda k: (k != n, k)):  # N first, then the bare loop right after it
         m = runs[k] = child(["--child", "ray", "--input", str(inputs[k]), "--out", str(work / f"out-ray-{k}"), *common])
-        print(f"ray  {k} images: {m['images']} scored in {m['seconds']:.1f}s = {m['images'] / m['seconds']:.2f} img/s "
-              f"(run_scoring wall time incl. model checks and actor start; {m['actors']} actor x {m['threads']} "
-              f"threads; load average {m['load']:.1f})", flush=True)
+        print(f"ray  {k} images: {m['images']} scored in {m['seconds']:.1f}s = {m['images'] / m['seconds']:.2f} img/s, "
+              f"{m['cpu_seconds'] / m['images']:.3f} CPU-s/image (run_scoring wall time incl. model checks and actor "
+              f"start; {m['actors']} actor x {m['threads']} threads; load average {m['load']:.1f})", flush=True)
         if k == n:
+            # the actor runs with Ray's OMP_NUM_THREADS=1 (num_cpus=1) and then sets its threads: same here
             bare = child(["--child", "bare", "--input", str(inputs[n]), "--out", str(work / "out-bare"),
-                          "--threads", str(m["threads"]), *common])
+                          "--threads", str(m["threads"]), *common], env={"OMP_NUM_THREADS": "1"})
             print(f"bare {n} images: {bare['images']} scored in {bare['seconds']:.1f}s = "
-                  f"{bare['images'] / bare['seconds']:.2f} img/s (decode + features + detectors + shard writes in one "
-                  f"process, batch {args.batch_size}, {m['threads']} threads; {bare['setup_seconds']:.1f}s model "
-                  f"loading not counted; load average {bare['load']:.1f}); "
-                  f"driver peak RSS {bare['driver_peak_mb']:.0f} MB", flush=True)
+                  f"{bare['images'] / bare['seconds']:.2f} img/s, {bare['cpu_seconds'] / bare['images']:.3f} "
+                  f"CPU-s/image (decode + features + detectors + shard writes in one process, batch "
+                  f"{args.batch_size}, {m['threads']} threads; {bare['setup_seconds']:.1f}s model loading not "
+                  f"counted; load average {bare['load']:.1f}); peak RSS {bare['driver_peak_mb']:.0f} MB", flush=True)
     for k in (small, large):
         m = runs[k]
-        print(f"memory at {k} images: driver peak RSS {m['driver_peak_mb']:.0f} MB; workers: {m['workers']} ray:: "
-              f"processes, largest peak {m['worker_max_mb']:.0f} MB ({m['worker_max_name']}), "
-              f"sum of peaks {m['worker_sum_mb']:.0f} MB")
+        print(f"memory at {k} images: driver peak RSS {m['driver_peak_mb']:.0f} MB; {m['workers']} ray:: worker "
+              f"processes, largest: peak RSS {m['worker_hwm_mb']:.0f} MB, peak private (RssAnon) "
+              f"{m['worker_anon_mb']:.0f} MB ({m['worker_top_name']}); sum of worker peaks "
+              f"{m['worker_sum_hwm_mb']:.0f} MB")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     assert bare["images"] == n and all(runs[k]["images"] == k for k in runs), (bare, runs)
     ratio = "4N/N" if large == 4 * small else f"{large}/{small}"
-    print(f"memory compared at N={small} and {large} images")
+    big, low = runs[large], runs[small]
+    print(f"memory compared at N={small} and {large} images; worker_mem = the largest worker's peak private "
+          f"memory; its peak RSS incl. shared object-store pages: {big['worker_hwm_mb'] / low['worker_hwm_mb']:.2f}")
+    print(f"cpu ray/bare={(runs[n]['cpu_seconds'] / n) / (bare['cpu_seconds'] / n):.2f} (CPU-seconds per image; "
+          f"less sensitive than wall time to the other users of this machine)")
     print(f"ray/bare={(runs[n]['images'] / runs[n]['seconds']) / (bare['images'] / bare['seconds']):.2f}")
-    print(f"driver_mem_{ratio}={runs[large]['driver_peak_mb'] / runs[small]['driver_peak_mb']:.2f}")
-    print(f"worker_mem_{ratio}={runs[large]['worker_max_mb'] / runs[small]['worker_max_mb']:.2f}")
-
+    print(f"driver_mem_{ratio}={big['driver_peak_mb'] / low['driver_peak_mb']:.2f}")
+    print(f"worker_mem_{ratio}={big['worker_anon_mb'] / low['worker_anon_mb']:.2f}")
 
 if __name__ == "__main__":
     main()

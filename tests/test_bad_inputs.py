@@ -145,7 +145,6 @@ def seeded_run(ray_session, tmp_path_factory):
                                 "extract.image_size": 64, "extract.batch_size": 8,
                                 "detectors.names": ["knn", "patchcore"]})
     outputs = run_pipeline(config)
-    print("seeded run timings", outputs.seconds)
     return seeded, out, outputs
 
 

@@ -1,8 +1,9 @@
-"""`ray job submit` for real: a local head with the job server (cluster/local.sh), the sample pipeline
-submitted with `--working-dir .`, the job's results checked, the head stopped.
+"""How drivers find a cluster: `ray job submit` for real, and the address rules of connect/job_main.
 
-Everything runs out of process (CLI), so the session's embedded Ray in this pytest process is not
-involved; ports are free ones, not Ray's defaults, and HOME is a temp dir (no ~/.ray/auth_token).
+The job test starts a local head with the job server (cluster/local.sh), submits the sample pipeline
+with `--working-dir .`, checks the job's results and stops only that head. Everything runs out of
+process (CLI), so the session's embedded Ray in this pytest process is not involved; ports are free
+ones, not Ray's defaults, and HOME is a temp dir (no ~/.ray/auth_token).
 """
 from __future__ import annotations
 
@@ -92,20 +93,45 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_head(small_dataset, tmp_pat
     assert (out / "report.html").is_file()
 
 
-def test_embedded_ray_ignores_a_cluster_left_by_ray_start():
-    """Without --address/RAY_ADDRESS the pipeline starts its own Ray, even when a `ray start` left
-    its address in <RAY_TMPDIR>/ray/ray_current_cluster (plain ray.init() would join it, here a
-    dead one, and reject num_cpus)."""
-    tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Unix socket paths live below it
-    (tmp / "ray").mkdir()
-    (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    code = ("import ray\nfrom mvtec_ray.config import RayConfig\nfrom mvtec_ray.pipeline import connect\n"
-            "connect(RayConfig(num_cpus=1))\nprint('CPUS', ray.cluster_resources()['CPU'])\nray.shutdown()\n")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=180)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert proc.returncode == 0 and "CPUS 1.0" in proc.stdout, proc.stderr[-3000:]
+@pytest.mark.parametrize("config_address, env_address, joins", [
+    (None, None, None),                          # embedded
+    (None, "http://127.0.0.1:8265", None),       # the job server's URL: still embedded
+    (None, "10.0.0.5:6379", "10.0.0.5:6379"),    # set by `ray job submit` or exported
+    ("auto", "10.0.0.5:6379", "auto"),
+])
+def test_connect_picks_the_cluster(monkeypatch, config_address, env_address, joins):
+    """An embedded Ray is started with address="local": a plain ray.init() would join any cluster
+    a `ray start` recorded in /tmp/ray/ray_current_cluster, and reject num_cpus (checked by hand)."""
+    import ray
+    from mvtec_ray.config import RayConfig
+    from mvtec_ray.pipeline import connect
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    if env_address:
+        monkeypatch.setenv("RAY_ADDRESS", env_address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if joins:
+        monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"gcs_address": joins})())
+    connect(RayConfig(address=config_address, num_cpus=2))
+    (kwargs,) = calls
+    if joins:
+        assert kwargs["address"] == joins and "num_cpus" not in kwargs
+    else:
+        assert kwargs["address"] == "local" and kwargs["num_cpus"] == 2
+
+
+def test_job_entry_points_join_ray_address_but_not_the_job_server(monkeypatch):
+    from mvtec_ray import cli
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    for env, joins in (("10.0.0.5:6379", True), ("http://127.0.0.1:8265", False), ("", False)):
+        monkeypatch.setenv("RAY_ADDRESS", env)
+        assert cli.job_main("run", ["--data", "d"]) == 0
+        assert (seen[-1][-2:] == ["--address", "auto"]) == joins, (env, seen[-1])
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    cli.job_main("fit", ["--address", "10.0.0.9:6379"])  # an explicit address wins
+    assert seen[-1] == ["fit", "--address", "10.0.0.9:6379"]

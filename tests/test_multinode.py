@@ -53,7 +53,7 @@ def verdict(small_dataset, tmp_path_factory):
     started = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(small_dataset), "--work", str(work)],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=720)
     finally:
         _kill_marked(str(work))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("VERDICT ")]

@@ -20,7 +20,7 @@ from mvtec_ray.features import SUCCESS, FeatureSet
 from mvtec_ray.storage import Storage
 
 OVERRIDES = {"extract.backbone": "efficientnet_lite0", "extract.image_size": 64, "extract.batch_size": 2,
-             "extract.augment_copies": 3}
+             "extract.augment_copies": 2}
 
 
 def _raw_rows(features_dir: Path) -> pd.DataFrame:
@@ -77,13 +77,13 @@ def test_killed_extraction_resumes_without_duplicates(ray_session, lite0_weights
     from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
     data, features = tmp_path / "data", tmp_path / "features"
     generate_sample_dataset(data, categories=["washer"], seed=4,
-                            spec=SampleSpec(n_train=24, n_test_good=4, n_test_defect_per_type=2, size=64))
+                            spec=SampleSpec(n_train=12, n_test_good=3, n_test_defect_per_type=1, size=64))
     config = load_config(None, {"data": str(data), "out": str(features), **OVERRIDES})
     catalog = build_catalog(str(data))
     planned = set(expected_row_ids(plan_work(catalog.entries, config.extract)))
 
     argv = [str(Path(sys.executable).with_name("mvtec-ray")), "extract", "--data", str(data), "--out", str(features),
-            "--backbone", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2", "--augment-copies", "3",
+            "--backbone", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2", "--augment-copies", "2",
             "--num-cpus", "2"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True)

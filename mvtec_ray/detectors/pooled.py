@@ -8,10 +8,12 @@ All detectors take the common parameters ``preprocess`` (see
 ``n_threads`` (``None`` leaves the caller's thread settings alone).
 
 Default ``preprocess`` per detector was chosen on efficientnet_lite0 pooled
-features (1280-d) of the built-in synthetic dataset (3 categories, 2 seeds,
-40-60 train images): ``pca95`` was never better than ``none`` and lost up to
-0.05 mean image AUROC (lof, knn, mahalanobis); ``standard`` helped only
-``elliptic`` and hurt ``ocsvm``; the rest were ties within noise. Re-measure
+features (1280-d) of the built-in synthetic dataset (3 categories x 4 seeds,
+32 train images each; ``pipelines/study_preprocess.py``): ``pca95`` was never
+better than ``none`` for any detector (mean image AUROC -0.01 to -0.04, losing
+in 4-9 of 12 cells); ``standard`` helped ``elliptic`` clearly (0.87 -> 0.97),
+``lof`` marginally (+0.01, 3 cells better / 1 worse: kept at ``none``) and
+cost ``ocsvm`` 0.02; iforest and autoencoder are invariant to it. Re-measure
 on real MVTec features before trusting these.
 """
 from __future__ import annotations
