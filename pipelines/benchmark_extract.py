@@ -193,6 +193,11 @@ def main() -> None:
                                     "holdout_fraction": 0.0, "synthetic_per_image": 0,
                                     **{k: v for k, v in overrides.items() if not k.startswith("env.")}})
                    for overrides in variants]
+        # warm-up (not timed): start Ray's worker processes and their imports, as on a running cluster
+        from dataclasses import replace
+        started = time.perf_counter()
+        ray_run(root, replace(catalog, entries=catalog.entries.iloc[:2 * args.batch_size]), configs[0], weights, -1)
+        print(f"warm-up run ({2 * args.batch_size} images): {time.perf_counter() - started:.1f}s")
         ratios: dict[int, list[float]] = {i: [] for i in range(len(configs))}
         run = 0
         for repeat in range(args.repeats):

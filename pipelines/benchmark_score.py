@@ -114,6 +114,7 @@ class ProcessMonitor:
         self.names: dict[int, str] = {}
         self.cpu: dict[int, float] = {}
         self.cpu_before: dict[int, float] = {}
+        self.series: dict[int, list[tuple[float, int]]] = {}
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -164,11 +165,17 @@ class ProcessMonitor:
                 self.names[pid] = name
             self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
             self.anon[pid] = max(self.anon.get(pid, 0), anon)
+            self.series.setdefault(pid, []).append((time.monotonic(), anon))
 
     def summary(self) -> dict:
         top = max(self.anon, key=self.anon.get, default=None)
         cpu = sum(v - self.cpu_before.get(pid, 0.0) for pid, v in self.cpu.items()) + self.own_cpu
-        return {"worker_hwm_mb": max(self.hwm.values(), default=0) / 1024,
+        # the largest worker's private memory per quarter of its life: flat = no growth within the run
+        series = self.series.get(top, [(0.0, 0)])
+        t0, t1 = series[0][0], series[-1][0] + 1e-9
+        quarters = [max([kib for t, kib in series if q <= 4 * (t - t0) / (t1 - t0) < q + 1] or [0]) / 1024
+                    for q in range(4)]
+        return {"worker_anon_quarters_mb": quarters, "worker_hwm_mb": max(self.hwm.values(), default=0) / 1024,
                 "worker_anon_mb": max(self.anon.values(), default=0) / 1024,
                 "worker_sum_hwm_mb": sum(self.hwm.values()) / 1024, "workers": len(self.hwm),
                 "worker_top_name": self.names.get(top, ""), "cpu_seconds": cpu}
@@ -286,7 +293,8 @@ def main() -> None:
         m = runs[k]
         print(f"memory at {k} images: driver peak RSS {m['driver_peak_mb']:.0f} MB; {m['workers']} ray:: worker "
               f"processes, largest: peak RSS {m['worker_hwm_mb']:.0f} MB, peak private (RssAnon) "
-              f"{m['worker_anon_mb']:.0f} MB ({m['worker_top_name']}); sum of worker peaks "
+              f"{m['worker_anon_mb']:.0f} MB ({m['worker_top_name']}; by quarter of its life "
+              f"{', '.join(f'{v:.0f}' for v in m['worker_anon_quarters_mb'])} MB); sum of worker peaks "
               f"{m['worker_sum_hwm_mb']:.0f} MB")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

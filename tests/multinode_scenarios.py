@@ -295,6 +295,12 @@ def main() -> int:
     except Exception:  # noqa: BLE001 - e.g. a run thread still alive after a timeout
         traceback.print_exc()
         os._exit(1)  # the Ray processes die with us (fate sharing); the test also kills leftovers
+    failed = any(verdict.get(k) for k in ("error", "extract_error", "fit_error"))
+    if failed:
+        print(f"Ray logs kept in {os.environ['RAY_TMPDIR']}", file=sys.stderr)
+    else:
+        import shutil
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     return 0
 
 
