@@ -25,6 +25,7 @@ from .errors import StorageUnavailable
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
+WRITER_CPUS = 0.25  # per shard-writer task; cluster_plan keeps one such slot free beside the actors
 NODE_COLUMN = "extract_node"  # per-row Ray node id of the extractor actor (driver-side summary only)
 PLAN_COLUMNS = ["image_id", "uri", "version", "category", "split", "label", "defect_type", "mask_uri",
                 "variants"]
@@ -268,8 +269,15 @@ def cluster_plan(config: ExtractConfig) -> dict:
         plan = {"device": "cuda", "actors": actors, "num_gpus": config.gpus_per_actor,
                 "num_cpus": config.cpus_per_actor, "threads": config.torch_threads or 2}
     else:
-        # CPU: leave at least one reader slot free so decode tasks always get scheduled (no deadlock)
-        actors = config.actors or max(1, int((cpus - config.cpus_per_reader) // max(config.cpus_per_actor, 2.0)))
+        if config.actors:
+            actors = config.actors
+        elif node_cpus <= 4 and len(nodes) <= 1:
+            # a small single node: one single-threaded actor per core. Decode and write tasks share
+            # these cores, and a 2-thread forward pass stalls whenever one of its threads is preempted
+            # (ResNet50 on 2 shared cores: ~0.065 CPU-s/img with 1 thread, ~0.14 with 2)
+            actors = max(1, int(cpus))
+        else:
+            actors = max(1, int((cpus - config.cpus_per_reader) // max(config.cpus_per_actor, 2.0)))
         # threads per actor: its share of the CPUs, never more than one node has
         threads = config.torch_threads or max(1, int(min(cpus / actors, node_cpus)))
         plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": config.cpus_per_actor,
@@ -281,9 +289,10 @@ def cluster_plan(config: ExtractConfig) -> dict:
         plan["actors"] = max(cap, 1)
         if not config.torch_threads and plan["device"] == "cpu":
             plan["threads"] = max(1, int(min(cpus / plan["actors"], node_cpus)))
-    # actors hold their CPUs for the whole run: together they must leave a reader slot free, or
-    # the decode tasks feeding them are never scheduled (a silent hang, e.g. 2 GPU actors on 2 CPUs)
-    share = (cpus - config.cpus_per_reader) / plan["actors"]
+    # actors hold their CPUs for the whole run: together they must leave a reader and a writer slot
+    # free, or the decode tasks feeding them are never scheduled (a silent hang, e.g. 2 GPU actors
+    # on 2 CPUs), or the writer waits until every image is decoded (all patches pile up in memory)
+    share = (cpus - config.cpus_per_reader - WRITER_CPUS) / plan["actors"]
     if plan["num_cpus"] > share:
         # Ray takes whole numbers above 1 and at most 4 decimals below
         plan["num_cpus"] = float(int(share)) if share >= 1 else max(0.0001, int(share * 1e4) / 1e4)
@@ -328,12 +337,8 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
         # small blocks so decode work spreads over readers from the start
         blocks = [plan.iloc[i:i + 4] for i in range(0, len(plan), 4)]
         ds = ray.data.from_pandas(blocks)
-        import os  # EXPERIMENT (temporary)
-        exp = os.environ.get("MVTEC_EXP_CAPS") == "1"
-        reader_kw = {"compute": ray.data.TaskPoolStrategy(size=max(1, resources["actors"]))} if exp else {}
-        writer_kw = {"compute": ray.data.TaskPoolStrategy(size=max(1, (resources["actors"] + 1) // 2))} if exp else {}
         ds = ds.map_batches(prepare_batch, fn_kwargs={"config": config, "storage": storage},
-                            batch_size=4, batch_format="numpy", num_cpus=config.cpus_per_reader, **reader_kw)
+                            batch_size=4, batch_format="numpy", num_cpus=config.cpus_per_reader)
         ds = ds.map_batches(
             Extractor, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs={"backbone": config.backbone, "weights": weights_ref,
@@ -344,7 +349,7 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
             resources=resources["resources"] or None)
         ds = ds.map_batches(_write_shards_keep_node,
                             fn_kwargs={"root": out_dir, "storage": storage, "metadata": metadata},
-                            batch_size=None, batch_format="numpy", num_cpus=0.25, **writer_kw)
+                            batch_size=None, batch_format="numpy", num_cpus=WRITER_CPUS)
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             summaries.append(part.drop(columns=["file"]))
             if progress is not None:

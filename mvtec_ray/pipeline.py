@@ -65,7 +65,8 @@ def _fit_task_options(config: RunConfig, detector: str) -> dict:
     return options
 
 
-#: rough relative single-thread fit+score time per detector at MVTec size (pipelines/benchmark_fit.py)
+#: rough relative fit+score time per detector at MVTec size (pipelines/benchmark_fit.py); only the order
+#: matters (longest first), unknown detectors count 1
 _FIT_COST = {"patchcore": 200, "padim": 100, "autoencoder": 20, "mahalanobis": 3, "iforest": 1.5, "elliptic": 1,
              "ocsvm": 1, "lof": 0.5, "knn": 0.2}
 

@@ -2,10 +2,14 @@
 vs the Ray Data pipeline, on the same generated MVTec-size PNGs, in one run.
 
     python pipelines/benchmark_extract.py [--images 300] [--size 900] [--backbone resnet50] [--batch-size 16]
+        [--variants 'actors=1,torch_threads=2;...'] [--repeats N]
 
 Speed does not depend on the weights' values: without cached ImageNet weights the backbone runs
 with random weights (said in the output). Prints images/s of each and, last, ``ray/bare=<ratio>``
-at steady state (cluster start and actor start-up reported separately).
+at steady state (cluster start and actor start-up reported separately; an untimed warm-up run
+starts Ray's worker processes first). On a shared machine the wall clock moves with the others'
+load, so each Ray run is compared with a bare loop run just before it, and CPU seconds per image
+(all Ray processes included) are printed too.
 """
 from __future__ import annotations
 
@@ -68,6 +72,22 @@ def tree_cpu_seconds() -> dict[int, float]:
     return {pid: times[pid] for pid in mine if pid in times}
 
 
+def process_name(pid: int) -> str:
+    """A short label: Ray sets worker titles to ray::<task or actor>."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            words = handle.read().split(b"\0")
+    except OSError:
+        return "?"
+    if pid == os.getpid():
+        return "driver"
+    text = words[0].decode(errors="replace")
+    if text.startswith("ray::"):
+        return text.split(" ")[0]
+    names = [os.path.basename(w.decode(errors="replace")) for w in words[:3] if w]
+    return next((n for n in names if n.endswith(".py") or n in ("raylet", "gcs_server")), names[0] if names else "?")
+
+
 class Timeline(list):
     """run_extraction's progress list, also adding up CPU seconds between written batches
     (per process, so workers that exit in between do not subtract their past)."""
@@ -75,12 +95,18 @@ class Timeline(list):
     def __init__(self):
         super().__init__()
         self.cpu: list[float] = []
+        self.by_process: dict[str, float] = {}  # steady-state CPU seconds per process title
         self._last: dict[int, float] = {}
 
     def append(self, item) -> None:
         now = tree_cpu_seconds()
-        used = sum(max(0.0, t - self._last.get(pid, 0.0)) for pid, t in now.items())
-        self.cpu.append((self.cpu[-1] + used) if self.cpu else 0.0)
+        used = {pid: max(0.0, t - self._last.get(pid, 0.0)) for pid, t in now.items()}
+        if self.cpu:
+            for pid, seconds in used.items():
+                if seconds:
+                    name = process_name(pid)
+                    self.by_process[name] = self.by_process.get(name, 0.0) + seconds
+        self.cpu.append((self.cpu[-1] + sum(used.values())) if self.cpu else 0.0)
         self._last = now
         super().append(item)
 
@@ -136,6 +162,9 @@ def ray_run(root: Path, catalog, config, weights, run: int) -> tuple[float, floa
     first_time, first_rows = timeline[0]
     steady = (total_rows - first_rows) / max(1e-9, timeline[-1][0] - first_time)
     cpu = (timeline.cpu[-1] - timeline.cpu[0]) / max(1, total_rows - first_rows)
+    rows = max(1, total_rows - first_rows)
+    top = sorted(timeline.by_process.items(), key=lambda kv: -kv[1])[:8]
+    print("    steady-state CPU-s/img by process: " + ", ".join(f"{name} {sec / rows:.3f}" for name, sec in top))
     return total_rows / result.seconds, result.seconds, first_time, steady, cpu
 
 

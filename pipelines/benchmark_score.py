@@ -1,6 +1,6 @@
 """Scoring throughput and memory: the Ray Data `score` job vs a bare single-process loop; memory at N and 4N.
 
-    python pipelines/benchmark_score.py [--images 1000] [--mem-images 250,1000] [--size 256] [--batch-size 16]
+    python pipelines/benchmark_score.py [--images 1000] [--mem-images 250,1000] [--threads T] [--size 256]
 
 1. Fits knn + patchcore on one generated category (``run_pipeline``, EfficientNet-Lite0, offline weights).
 2. Writes distinct 256 px PNGs (generated normals and defects plus per-image noise).
@@ -190,16 +190,16 @@ def driver_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_ray(models: str, images: str, out: str, batch_size: int, num_cpus: int) -> dict:
-    from mvtec_ray.config import ExtractConfig, RayConfig, load_config
+def measure_ray(models: str, images: str, out: str, batch_size: int, num_cpus: int, threads: int | None) -> dict:
+    from mvtec_ray.config import RayConfig, load_config
     from mvtec_ray.extract import cluster_plan
     from mvtec_ray.pipeline import connect
     from mvtec_ray.scoring import run_scoring
-    config = load_config(None, {"out": out, "extract.batch_size": batch_size})
+    config = load_config(None, {"out": out, "extract.batch_size": batch_size, "extract.torch_threads": threads})
     connect(RayConfig(num_cpus=num_cpus))
     with ProcessMonitor() as monitor:
         summary = run_scoring(config, models_uri=models, images_uri=images, detectors=DETECTORS)
-    plan = cluster_plan(ExtractConfig())
+    plan = cluster_plan(config.extract)
     return {"images": summary.scored_images, "errors": summary.errors, "seconds": summary.seconds,
             "driver_peak_mb": driver_peak_mb(), "threads": plan["threads"], "actors": plan["actors"],
             **monitor.summary()}
@@ -251,10 +251,11 @@ def main() -> None:
     parser.add_argument("--models", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help="torch/faiss/BLAS threads of the scoring actor and of the bare "
+                        "loop (default: what the job picks for this machine)")
     args = parser.parse_args()
     if args.child == "ray":
-        print(json.dumps(measure_ray(args.models, args.input, args.out, args.batch_size, args.num_cpus)))
+        print(json.dumps(measure_ray(args.models, args.input, args.out, args.batch_size, args.num_cpus, args.threads)))
         return
     if args.child == "bare":
         print(json.dumps(measure_bare(args.models, args.input, args.out, args.batch_size, args.threads)))
@@ -273,10 +274,12 @@ def main() -> None:
     print(f"generated {sizes[-1]} distinct PNGs of {args.size}x{args.size} in {time.perf_counter() - started:.1f}s",
           flush=True)
     common = ["--models", str(models), "--batch-size", str(args.batch_size), "--num-cpus", str(args.num_cpus)]
+    ray_common = common + (["--threads", str(args.threads)] if args.threads else [])
 
     runs = {}
     for k in sorted({n, small, large}, key=lambda k: (k != n, k)):  # N first, then the bare loop right after it
-        m = runs[k] = child(["--child", "ray", "--input", str(inputs[k]), "--out", str(work / f"out-ray-{k}"), *common])
+        m = runs[k] = child(["--child", "ray", "--input", str(inputs[k]), "--out", str(work / f"out-ray-{k}"),
+                             *ray_common])
         print(f"ray  {k} images: {m['images']} scored in {m['seconds']:.1f}s = {m['images'] / m['seconds']:.2f} img/s, "
               f"{m['cpu_seconds'] / m['images']:.3f} CPU-s/image (run_scoring wall time incl. model checks and actor "
               f"start; {m['actors']} actor x {m['threads']} threads; load average {m['load']:.1f})", flush=True)

@@ -23,7 +23,8 @@ from mvtec_ray.backbones import BACKBONES, RANDOM_WEIGHTS_ID, FeatureExtractor, 
 from mvtec_ray.catalog import build_catalog
 from mvtec_ray.config import EvaluationConfig, ExtractConfig
 from mvtec_ray.errors import WeightsUnavailable
-from mvtec_ray.extract import cluster_plan, expected_row_ids, plan_work, prepare_batch, run_extraction
+from mvtec_ray.extract import (WRITER_CPUS, cluster_plan, expected_row_ids, plan_work, prepare_batch,
+                               run_extraction)
 from mvtec_ray.features import EXTRACT_META, METADATA_KEY, SUCCESS, FeatureSet, tensor_to_numpy
 from mvtec_ray.images import (apply_augmentation, decode_image, decode_mask, decode_mask_png,
                               make_synthetic_anomaly, row_rng, sample_augmentation)
@@ -446,9 +447,10 @@ def fake_cluster(monkeypatch, *nodes: dict) -> None:
 
 
 def assert_no_deadlock(plan: dict, config: ExtractConfig, cpus: float) -> None:
-    # long-lived actors must leave room for at least one decode task, or nothing ever feeds them
+    # long-lived actors must leave room for a decode task (or nothing ever feeds them) and a writer
     assert plan["actors"] >= 1 and plan["num_cpus"] > 0
-    assert plan["actors"] * plan["num_cpus"] + config.cpus_per_reader <= cpus + 1e-9, plan
+    assert plan["actors"] * plan["num_cpus"] + config.cpus_per_reader + WRITER_CPUS <= cpus + 1e-9, plan
+    assert plan["num_cpus"] == int(plan["num_cpus"]) or plan["num_cpus"] < 1  # Ray's rule for quantities
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4, 16, 64])
@@ -460,6 +462,8 @@ def test_cluster_plan_cpu_never_takes_every_cpu(monkeypatch, cpus):
     assert_no_deadlock(plan, config, cpus)
     assert 1 <= plan["threads"] <= cpus
     assert plan["actors"] * plan["threads"] <= max(cpus, 1)  # no oversubscription from torch threads
+    if cpus <= 4:  # small node: single-threaded actors, one per core
+        assert (plan["actors"], plan["threads"]) == (cpus, 1)
 
 
 @pytest.mark.parametrize("overrides", [{"actors": 3}, {"cpus_per_actor": 4.0}, {"cpus_per_reader": 1.0},
@@ -484,6 +488,14 @@ def test_cluster_plan_gpu(monkeypatch, cpus, gpus, per_actor, actors):
     assert plan["device"] == "cuda" and plan["actors"] == actors and plan["num_gpus"] == per_actor
     assert plan["actors"] * plan["num_gpus"] <= gpus
     assert_no_deadlock(plan, config, cpus)
+
+
+def test_cluster_plan_multi_node(monkeypatch):
+    fake_cluster(monkeypatch, {"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 4.0})
+    config = ExtractConfig()
+    plan = cluster_plan(config)
+    assert plan["device"] == "cpu" and plan["threads"] <= 4  # never more threads than one node has
+    assert_no_deadlock(plan, config, 12)
 
 
 def test_cluster_plan_device_choice(monkeypatch):
