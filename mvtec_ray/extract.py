@@ -51,10 +51,13 @@ def plan_work(entries: pd.DataFrame, config: ExtractConfig, done_row_ids: set[st
             n_hold = min(n_hold, len(train) - 1)
         ids = list(train["image_id"])
         held = {i for i in ids if known.get(i) == "val_good"}
-        # only images never extracted are drawn; on a fresh run that is all of them, as before
-        new = [i for i in ids if known.get(i) not in ("train", "val_good")]
-        order = row_rng(config.seed, category, "holdout").permutation(len(new))
-        held |= {new[k] for k in order[:max(0, n_hold - len(held))]}
+        # the fresh run's draw order, skipping images already placed: a run resumed after a crash
+        # holds out exactly what an uninterrupted run would; a grown dataset only adds images
+        for k in row_rng(config.seed, category, "holdout").permutation(len(ids)):
+            if len(held) >= n_hold:
+                break
+            if known.get(ids[k]) not in ("train", "val_good"):
+                held.add(ids[k])
         for row in group.itertuples(index=False):
             if row.split == "test":
                 split, variants = "test", ["orig"]

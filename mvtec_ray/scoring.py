@@ -35,7 +35,7 @@ from .backbones import BACKBONES, RANDOM_WEIGHTS_ID, FeatureExtractor, resolve_w
 from .catalog import IMAGE_EXTENSIONS
 from .config import ExtractConfig, RunConfig
 from .errors import ModelMismatch, UserError
-from .extract import prepare_batch
+from .extract import WRITER_CPUS, prepare_batch
 from .features import shard_name, tensor_array
 from .model_store import SCHEMA_KEYS, check_schema, list_models, load_model, read_model_info
 from .storage import Storage, join
@@ -410,7 +410,7 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
                         num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
                         resources=resources.get("resources") or None)
     ds = ds.map_batches(write_score_shards, fn_kwargs={"out_uri": out_uri, "storage": storage},
-                        batch_size=None, batch_format="numpy", num_cpus=0.25)
+                        batch_size=None, batch_format="numpy", num_cpus=WRITER_CPUS)
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c, images, rows, errors in zip(part["category"], part["images"], part["rows"], part["errors"]):
             summary.scored_images += int(images)

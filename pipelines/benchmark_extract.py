@@ -97,6 +97,7 @@ class Timeline(list):
         self.cpu: list[float] = []
         self.by_process: dict[str, float] = {}  # steady-state CPU seconds per process title
         self._last: dict[int, float] = {}
+        self.started = 0
 
     def append(self, item) -> None:
         now = tree_cpu_seconds()
@@ -106,6 +107,9 @@ class Timeline(list):
                 if seconds:
                     name = process_name(pid)
                     self.by_process[name] = self.by_process.get(name, 0.0) + seconds
+                if pid not in self._last:  # a process started since the last batch (Ray worker churn)
+                    self.by_process["(new processes)"] = self.by_process.get("(new processes)", 0.0) + seconds
+                    self.started += 1
         self.cpu.append((self.cpu[-1] + sum(used.values())) if self.cpu else 0.0)
         self._last = now
         super().append(item)
@@ -164,7 +168,8 @@ def ray_run(root: Path, catalog, config, weights, run: int) -> tuple[float, floa
     cpu = (timeline.cpu[-1] - timeline.cpu[0]) / max(1, total_rows - first_rows)
     rows = max(1, total_rows - first_rows)
     top = sorted(timeline.by_process.items(), key=lambda kv: -kv[1])[:8]
-    print("    steady-state CPU-s/img by process: " + ", ".join(f"{name} {sec / rows:.3f}" for name, sec in top))
+    print(f"    steady state: {timeline.started} processes started; CPU-s/img by process: "
+          + ", ".join(f"{name} {sec / rows:.3f}" for name, sec in top))
     return total_rows / result.seconds, result.seconds, first_time, steady, cpu
 
 

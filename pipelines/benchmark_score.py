@@ -115,6 +115,7 @@ class ProcessMonitor:
         self.cpu: dict[int, float] = {}
         self.cpu_before: dict[int, float] = {}
         self.series: dict[int, list[tuple[float, int]]] = {}
+        self.total_anon = 0  # the most private memory all workers held at one moment
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -150,6 +151,7 @@ class ProcessMonitor:
         while frontier:  # descendants of this driver only: other Ray clusters on the machine are ignored
             frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
             mine |= frontier
+        total = 0
         for pid in mine:
             self.cpu[pid] = ticks[pid]
             try:
@@ -166,6 +168,8 @@ class ProcessMonitor:
             self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
             self.anon[pid] = max(self.anon.get(pid, 0), anon)
             self.series.setdefault(pid, []).append((time.monotonic(), anon))
+            total += anon
+        self.total_anon = max(self.total_anon, total)
 
     def summary(self) -> dict:
         top = max(self.anon, key=self.anon.get, default=None)
@@ -177,7 +181,7 @@ class ProcessMonitor:
                     for q in range(4)]
         return {"worker_anon_quarters_mb": quarters, "worker_hwm_mb": max(self.hwm.values(), default=0) / 1024,
                 "worker_anon_mb": max(self.anon.values(), default=0) / 1024,
-                "worker_sum_hwm_mb": sum(self.hwm.values()) / 1024, "workers": len(self.hwm),
+                "workers_total_anon_mb": self.total_anon / 1024, "workers": len(self.hwm),
                 "worker_top_name": self.names.get(top, ""), "cpu_seconds": cpu}
 
 
@@ -295,10 +299,10 @@ def main() -> None:
     for k in (small, large):
         m = runs[k]
         print(f"memory at {k} images: driver peak RSS {m['driver_peak_mb']:.0f} MB; {m['workers']} ray:: worker "
-              f"processes, largest: peak RSS {m['worker_hwm_mb']:.0f} MB, peak private (RssAnon) "
+              f"processes over the run, largest: peak RSS {m['worker_hwm_mb']:.0f} MB, peak private (RssAnon) "
               f"{m['worker_anon_mb']:.0f} MB ({m['worker_top_name']}; by quarter of its life "
-              f"{', '.join(f'{v:.0f}' for v in m['worker_anon_quarters_mb'])} MB); sum of worker peaks "
-              f"{m['worker_sum_hwm_mb']:.0f} MB")
+              f"{', '.join(f'{v:.0f}' for v in m['worker_anon_quarters_mb'])} MB); all workers together at "
+              f"most {m['workers_total_anon_mb']:.0f} MB private")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     assert bare["images"] == n and all(runs[k]["images"] == k for k in runs), (bare, runs)

@@ -142,6 +142,16 @@ def test_storage_retries_transient_faults_and_gives_up_on_permanent(s3_server):
                 storage.write_bytes("s3://mvtec/faults/unit/other.bin", b"x")
 
 
+@pytest.fixture
+def no_progress_timeout(ray_session):
+    """A stalled extraction fails within minutes with Ray Data's diagnostics, not at pytest's timeout."""
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    before, ctx.execution_no_progress_timeout_s = ctx.execution_no_progress_timeout_s, 240
+    yield
+    ctx.execution_no_progress_timeout_s = before
+
+
 def _extract_config(data: str):
     return load_config(None, {"data": data, "out": "unused", "extract.backbone": "efficientnet_lite0",
                               "extract.image_size": 64, "extract.batch_size": 4})
@@ -152,7 +162,8 @@ def _shard_rows(features_dir: Path) -> pd.DataFrame:
                       for p in sorted(features_dir.rglob("part-*.parquet"))], ignore_index=True)
 
 
-def test_run_completes_through_503_and_500_faults(ray_session, s3_server, tiny_dataset, lite0_weights, tmp_path):
+def test_run_completes_through_503_and_500_faults(ray_session, s3_server, tiny_dataset, lite0_weights, tmp_path,
+                                                  no_progress_timeout):
     """Every 4th S3 request fails (503 SlowDown / 500 InternalError) while the workers read the
     images: retried, the extraction completes, and no image is recorded as an error."""
     from mvtec_ray.extract import expected_row_ids, plan_work, run_extraction
@@ -170,7 +181,8 @@ def test_run_completes_through_503_and_500_faults(ray_session, s3_server, tiny_d
     assert (Path(result.features_dir) / SUCCESS).is_file()
 
 
-def test_outage_mid_run_is_not_complete_and_resumes(ray_session, s3_server, tiny_dataset, lite0_weights, tmp_path):
+def test_outage_mid_run_is_not_complete_and_resumes(ray_session, s3_server, tiny_dataset, lite0_weights, tmp_path,
+                                                    no_progress_timeout):
     """Reads start failing for good after a few images: the run fails (with the storage reason),
     nothing is marked complete, no image is blamed; once S3 is back a re-run completes."""
     from mvtec_ray.cli import find_user_error
@@ -185,6 +197,7 @@ def test_outage_mid_run_is_not_complete_and_resumes(ray_session, s3_server, tiny
             run_extraction(catalog, str(features), config.extract, storage, lite0_weights)
         assert proxy.injected > 0
     cause = find_user_error(info.value)
+    assert "ExecutionTimeoutError" not in repr(info.value), repr(info.value)[:3000]
     assert isinstance(cause, StorageUnavailable), repr(info.value)[:2000]
     assert "HTTP 503" in str(cause) and "retries exhausted" in str(cause)
     [fingerprint_dir] = list(features.iterdir())
