@@ -6,8 +6,10 @@ MVTec AD layout::
     <root>/<category>/test/<good|defect_type>/*.png
     <root>/<category>/ground_truth/<defect_type>/<name>_mask.png
 
-Every file under a category is accounted for: an image row in ``entries`` or a row in
-``skipped`` with its reason. Layout problems that make a category unusable raise
+Every file under the root is accounted for: an image row in ``entries``, a used mask, or a
+row in ``skipped`` with its reason (hidden files, other extensions, other folders, broken
+symlinks, fifos, symlink loops, names that are not UTF-8; symlinks to files and folders are
+otherwise followed). Layout problems that make a category unusable raise
 :class:`CatalogError` with a one-line message.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .errors import CatalogError, StorageError
+from .errors import CatalogError
 from .storage import Storage, is_s3
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 
@@ -238,18 +239,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# how a UserError raised in a Ray task or Ray Data UDF survives: as a line of the remote traceback
+_REMOTE_USER_ERROR = re.compile(r"^mvtec_ray\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
 def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind ``exc``, also when a Ray task or Ray Data wrapped it (``.cause``,
-    ``__cause__``, ``__context__``); the innermost one, whose message is not a Ray traceback."""
-    found, seen, todo = None, set(), [exc]
+    """The UserError behind ``exc``: itself, one in its chain (``.cause``, ``__cause__``,
+    ``__context__``), or one raised remotely, which Ray Data delivers only as traceback text
+    inside a UserCodeException."""
+    from . import errors
+    found, seen, chain, todo = None, set(), [], [exc]
     while todo:
         current = todo.pop(0)
         if current is None or id(current) in seen or len(seen) > 50:
             continue
         seen.add(id(current))
+        chain.append(current)
         if isinstance(current, UserError) and not type(current).__module__.startswith("ray"):
-            found = current
+            found = current  # the innermost one wins: its message is not a Ray traceback
         todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    if found is not None:
+        return found
+    for current in chain:
+        for name, message in _REMOTE_USER_ERROR.findall(str(current)):
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, UserError):
+                found = cls(message.strip())
     return found
 
 

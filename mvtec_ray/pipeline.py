@@ -36,9 +36,6 @@ def connect(config: RayConfig) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
     ctx.print_on_execution_start = False
-    # a UDF's own exception (e.g. StorageUnavailable) reaches the driver as itself, not as a
-    # UserCodeException that drops it: the CLI can then print its one-line message
-    ctx.raise_original_map_exception = True
     # RAY_ADDRESS (set for `ray job submit` drivers, or exported) means "join that cluster"; an
     # http:// one is the job server's, for the `ray job` CLI only
     env_address = os.environ.get("RAY_ADDRESS", "")

@@ -191,6 +191,10 @@ class Storage:
             dirs.sort()
             for name in list(dirs):
                 path = os.path.join(folder, name)
+                if not _is_utf8(path):
+                    dirs.remove(name)
+                    special.append((printable_path(path), "folder name is not valid UTF-8 (rename the folder)"))
+                    continue
                 key = _inode(path)
                 if key in seen:
                     dirs.remove(name)
@@ -198,6 +202,9 @@ class Storage:
                 seen.add(key)
             for name in names:
                 path = os.path.join(folder, name)
+                if not _is_utf8(path):  # bytes from another encoding: Arrow, Parquet and S3 need UTF-8
+                    special.append((printable_path(path), "file name is not valid UTF-8 (rename the file)"))
+                    continue
                 try:
                     st = os.stat(path)  # follows a file symlink
                 except OSError:
@@ -226,14 +233,28 @@ class Storage:
     def check_reachable(self, uri: str) -> None:
         """Fail early, with a message a person can act on, when ``uri`` cannot be listed."""
         fs, path = self.resolve(uri)
-        info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(path))
+        # the client's own retries only: a preflight that fails should fail fast
+        info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(path), attempts=1)
         if info.type == pafs.FileType.NotFound:
             if is_s3(uri):
                 bucket = path.split("/", 1)[0]
-                bucket_info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(bucket))
+                bucket_info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(bucket), attempts=1)
                 if bucket_info.type == pafs.FileType.NotFound:
                     raise StorageError(f"bucket {bucket!r} does not exist (or is not visible with these credentials)")
             raise StorageError(f"not found: {uri}")
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")  # undecodable bytes arrive as lone surrogates (PEP 383)
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable_path(path: str) -> str:
+    """``path`` with undecodable bytes shown as ``\\xNN`` (identical for valid UTF-8 names)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _inode(path: str) -> tuple[int, int]:
@@ -242,7 +263,7 @@ def _inode(path: str) -> tuple[int, int]:
 
 
 def is_transient(message: str) -> bool:
-    """Worth retrying: throttling, 5xx, timeouts, dropped connections (not a refused one)."""
+    """Worth retrying: throttling, 5xx, timeouts, network errors (an endpoint may come back)."""
     return any(m in message for m in _TRANSIENT_MARKERS)
 
 

@@ -185,7 +185,12 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="ExtractConfig overrides to compare, ';' between variants, "
                         "e.g. 'actors=1,torch_threads=2;actors=2,torch_threads=1' ('' = the defaults)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of (bare loop, each variant)")
+    parser.add_argument("--stats", action="store_true", help="print Ray Data's per-operator stats of each run")
     args = parser.parse_args()
+    if args.stats:
+        import logging
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("mvtec_ray.extract").setLevel(logging.DEBUG)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import torch

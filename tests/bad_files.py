@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mvtec_ray.storage import printable_path
+
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -114,6 +116,10 @@ def seed_bad_files(root: Path, category: str) -> SeededDataset:
     skipped[str(good_train / "loop")] = "listed already"
     os.mkfifo(good_test / "fifo.png")  # reading it would block forever
     skipped[str(good_test / "fifo.png")] = "not a regular file"
+    latin1 = os.fsencode(good_test) + b"/caf\xe9_latin1.png"  # not UTF-8: Arrow cannot hold the name
+    with open(latin1, "wb") as handle:
+        handle.write(encode(sample_rgb(), "PNG"))
+    skipped[printable_path(os.fsdecode(latin1))] = "not valid UTF-8"
     for path, reason in [(root / ".DS_Store", "file at the dataset root"),
                          (good_test / ".DS_Store", "hidden file"),
                          (good_test / "._photo.png", "hidden file"),
@@ -130,9 +136,10 @@ def seed_bad_files(root: Path, category: str) -> SeededDataset:
 
 
 def every_entry(root: Path) -> set[str]:
-    """Every file, link, fifo and folder symlink under ``root``, not following links."""
+    """Every file, link, fifo and folder symlink under ``root``, not following links (names as
+    the catalog prints them)."""
     found = set()
     for folder, dirs, names in os.walk(root, followlinks=False):
         found.update(os.path.join(folder, d) for d in dirs if os.path.islink(os.path.join(folder, d)))
         found.update(os.path.join(folder, n) for n in names)
-    return found
+    return {printable_path(p) for p in found}

@@ -115,3 +115,25 @@ def test_debug_shows_the_traceback(results):
     assert "Traceback (most recent call last)" in result["stderr"]
     assert "StorageError" in result["stderr"] and "nowhere" in result["stderr"]
     assert result["ray_started"] == ""
+
+
+def test_user_error_found_behind_ray_wrappers():
+    """Ray Data hands a UDF's exception to the driver only as traceback text; chains are followed."""
+    from mvtec_ray.cli import find_user_error
+    from mvtec_ray.errors import CatalogError, StorageUnavailable
+    remote = RuntimeError("ray::MapBatches(prepare_batch)()\n  File \"extract.py\", line 1\n"
+                          "mvtec_ray.errors.StorageUnavailable: cannot read s3://b/k: throttled by S3 (retries exhausted)\n"
+                          "\nThe above exception was the direct cause of the following exception:\n"
+                          "ray.exceptions.UserCodeException: UDF failed to process a data block.")
+    found = find_user_error(remote)
+    assert isinstance(found, StorageUnavailable) and str(found) == "cannot read s3://b/k: throttled by S3 (retries exhausted)"
+    try:
+        try:
+            raise CatalogError("category 'x' has no images in train/good")
+        except CatalogError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert isinstance(find_user_error(outer), CatalogError)
+    assert find_user_error(ValueError("a bug, not a user error")) is None
+    assert find_user_error(RuntimeError("mvtec_ray.errors.NotAClass: x")) is None
+

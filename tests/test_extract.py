@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -451,6 +452,7 @@ def assert_no_deadlock(plan: dict, config: ExtractConfig, cpus: float) -> None:
     assert plan["actors"] >= 1 and plan["num_cpus"] > 0
     assert plan["actors"] * plan["num_cpus"] + config.cpus_per_reader + WRITER_CPUS <= cpus + 1e-9, plan
     assert plan["num_cpus"] == int(plan["num_cpus"]) or plan["num_cpus"] < 1  # Ray's rule for quantities
+    assert plan["readers"] >= 1 and plan["writers"] >= 1
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4, 16, 64])
@@ -512,7 +514,10 @@ def test_extractor_cpu_path_without_cuda(lite0_weights):
     assert not extractor.half
     images = np.zeros((2, 64, 64, 3), np.uint8)
     images.setflags(write=False)  # as handed over by Ray's object store
-    batch = extractor({"image": images, "status": np.array(["ok", "error"], dtype=object)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. an autocast or pin_memory complaint without CUDA
+        batch = extractor({"image": images, "status": np.array(["ok", "error"], dtype=object)})
+    assert not torch.cuda.is_initialized()
     assert batch["pooled"].dtype == np.float32 and batch["pooled"].shape == (2, 1280)
     assert (batch["pooled"][1] == 0).all() and batch["patches"].dtype == np.float16
     assert "image" not in batch

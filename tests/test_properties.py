@@ -15,7 +15,7 @@ from PIL import Image
 from mvtec_ray.catalog import build_catalog
 from mvtec_ray.errors import CatalogError, StorageError
 from mvtec_ray.images import DecodeError, decode_image
-from mvtec_ray.storage import safe_join
+from mvtec_ray.storage import printable_path, safe_join
 from tests.bad_files import encode, image_files
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -43,8 +43,9 @@ def test_safe_join_never_escapes(relative):
 
 
 @FAST
-@given(st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=40))
+@given(st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=40))
 def test_map_files_stay_in_their_folder(image_id):
+    # (ids come from UTF-8 names: the catalog skips others, so no NUL and no lone surrogates)
     from mvtec_ray.fitting import _save_map
     from mvtec_ray.storage import Storage
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +61,8 @@ second = st.sampled_from(["train", "test", "test", "ground_truth", "other", ".gi
 third = st.sampled_from(["good", "good", "crack", "hole", ".tmp", "b.png", ""])
 deeper = st.lists(st.sampled_from(["good", "crack", "x", ".y"]), max_size=2)
 names = st.sampled_from(["000.png", "001.png", "000_mask.png", "001_mask.png", "000_mask.bmp", "002.JPG",
-                         "notes.txt", ".DS_Store", "noext", "003.tiff", "é 4.png", "001.jpg"])
+                         "notes.txt", ".DS_Store", "noext", "003.tiff", "é 4.png", "001.jpg",
+                         "caf\udce9.png"])  # a Latin-1 byte: not UTF-8
 extra = st.builds(lambda parts, more, name: "/".join([p for p in parts if p] + more + [name]),
                   st.tuples(first, second, third), deeper, names)
 CORE = ["cat/train/good/000.png", "cat/test/good/000.png", "cat/test/crack/000.png"]
@@ -81,7 +83,7 @@ def test_catalog_accounts_for_every_file_once(paths):
                 continue  # a file already took this name as a folder (or the reverse)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(b"x")
-            written.add(str(target))
+            written.add(printable_path(str(target)))
         if not written:
             return
         try:

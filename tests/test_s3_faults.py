@@ -132,14 +132,13 @@ def test_storage_retries_transient_faults_and_gives_up_on_permanent(s3_server):
         assert storage.read_bytes("s3://mvtec/faults/unit/blob.bin") == payload
         assert [i.base_name for i in storage.iter_files("s3://mvtec/faults/unit")] == ["blob.bin"]
         assert proxy.injected >= 3
-    for status, words in ((503, "HTTP 503"), (500, "HTTP 500")):
-        with FaultProxy(s3_server["endpoint"], statuses=(status,)) as proxy:
-            proxy.fail_all = True
-            storage = Storage(_settings(proxy.endpoint, attempts=2))
-            with pytest.raises(StorageUnavailable, match=words):
-                storage.read_bytes("s3://mvtec/faults/unit/blob.bin")
-            with pytest.raises(StorageUnavailable, match="retries exhausted"):
-                storage.write_bytes("s3://mvtec/faults/unit/other.bin", b"x")
+    with FaultProxy(s3_server["endpoint"], statuses=(503, 500)) as proxy:
+        proxy.fail_all = True  # every request: 503, 500, 503, ...
+        storage = Storage(_settings(proxy.endpoint, attempts=2))
+        with pytest.raises(StorageUnavailable, match=r"server errors, HTTP 50[03] \(retries exhausted\)"):
+            storage.read_bytes("s3://mvtec/faults/unit/blob.bin")
+        with pytest.raises(StorageUnavailable, match="retries exhausted"):
+            storage.write_bytes("s3://mvtec/faults/unit/other.bin", b"x")
 
 
 @pytest.fixture
@@ -162,29 +161,11 @@ def _shard_rows(features_dir: Path) -> pd.DataFrame:
                       for p in sorted(features_dir.rglob("part-*.parquet"))], ignore_index=True)
 
 
-def test_run_completes_through_503_and_500_faults(ray_session, s3_server, tiny_dataset, lite0_weights, tmp_path,
-                                                  no_progress_timeout):
-    """Every 4th S3 request fails (503 SlowDown / 500 InternalError) while the workers read the
-    images: retried, the extraction completes, and no image is recorded as an error."""
-    from mvtec_ray.extract import expected_row_ids, plan_work, run_extraction
-    upload_tree(s3_server["client"], "mvtec", tiny_dataset, "faults/transient")
-    config = _extract_config("s3://mvtec/faults/transient")
-    with FaultProxy(s3_server["endpoint"], fail_every=4, statuses=(503, 500)) as proxy:
-        storage = Storage(_settings(proxy.endpoint, attempts=5))
-        catalog = build_catalog(config.data, storage)
-        result = run_extraction(catalog, str(tmp_path / "features"), config.extract, storage, lite0_weights)
-        assert proxy.injected >= 5, (proxy.requests, proxy.injected)
-    rows = _shard_rows(Path(result.features_dir))
-    assert result.errors.empty, result.errors[["row_id", "error"]].to_string()
-    assert rows["row_id"].is_unique and set(rows["row_id"]) == set(expected_row_ids(plan_work(catalog.entries,
-                                                                                               config.extract)))
-    assert (Path(result.features_dir) / SUCCESS).is_file()
-
-
 def test_outage_mid_run_is_not_complete_and_resumes(ray_session, s3_server, tiny_dataset, lite0_weights, tmp_path,
                                                     no_progress_timeout):
     """Reads start failing for good after a few images: the run fails (with the storage reason),
-    nothing is marked complete, no image is blamed; once S3 is back a re-run completes."""
+    nothing is marked complete, no image is blamed. Then S3 is back but flaky (every 4th request
+    a 503 SlowDown or 500 InternalError): the re-run retries through it and completes."""
     from mvtec_ray.cli import find_user_error
     from mvtec_ray.extract import expected_row_ids, plan_work, run_extraction
     upload_tree(s3_server["client"], "mvtec", tiny_dataset, "faults/outage")
@@ -208,10 +189,12 @@ def test_outage_mid_run_is_not_complete_and_resumes(ray_session, s3_server, tiny
         columns=["row_id", "status", "error"])
     assert (partial["status"] == "ok").all(), partial[partial["status"] != "ok"].to_string()
 
-    # S3 is back: the same extraction resumes and completes, each row exactly once
-    storage = Storage(_settings(s3_server["endpoint"]))
-    result = run_extraction(catalog, str(features), config.extract, storage, lite0_weights)
-    assert result.skipped_existing == len(partial)
+    # S3 is back, flaky: the same extraction resumes and completes, each row exactly once
+    with FaultProxy(s3_server["endpoint"], fail_every=4, statuses=(503, 500)) as proxy:
+        storage = Storage(_settings(proxy.endpoint, attempts=5))
+        result = run_extraction(catalog, str(features), config.extract, storage, lite0_weights)
+        assert proxy.injected >= 3, (proxy.requests, proxy.injected)
+    assert result.skipped_existing == len(partial) and result.errors.empty
     rows = _shard_rows(Path(result.features_dir))
     assert rows["row_id"].is_unique and (rows["status"] == "ok").all()
     assert set(rows["row_id"]) == set(expected_row_ids(plan_work(catalog.entries, config.extract)))

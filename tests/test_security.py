@@ -156,7 +156,7 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-def test_secret_never_reaches_logs_config_or_outputs(ray_session, s3_server, small_dataset, tmp_path, capfd):
+def test_secret_never_reaches_logs_config_or_outputs(ray_session, s3_server, tmp_path, capfd):
     """A unique S3 secret key and session token are used for a whole run (data read from S3);
     then every output file, the driver's logs and Ray's session folder are searched for them."""
     import logging
@@ -165,8 +165,11 @@ def test_secret_never_reaches_logs_config_or_outputs(ray_session, s3_server, sma
     from mvtec_ray.pipeline import run_pipeline
     from mvtec_ray.report import write_report
     from tests.helpers import upload_tree
+    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
     secret, token = f"secret-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
-    upload_tree(s3_server["client"], "mvtec", small_dataset / "washer", "secret-run/washer")
+    generate_sample_dataset(tmp_path / "data", categories=["washer"], seed=6,
+                            spec=SampleSpec(n_train=6, n_test_good=2, n_test_defect_per_type=1, size=64))
+    upload_tree(s3_server["client"], "mvtec", tmp_path / "data", "secret-run")
     out = tmp_path / "out"
     config = load_config(None, {"data": "s3://mvtec/secret-run", "out": str(out),
                                 "extract.backbone": "efficientnet_lite0", "extract.image_size": 64,
