@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -211,3 +212,32 @@ class FeatureExtractor(nn.Module):
                 patches = F.adaptive_avg_pool1d(patches.reshape(n * h * w, 1, c), self.patch_dim).reshape(n, h, w, -1)
         self._captured.clear()
         return pooled, patches
+
+
+def embed_images(model: FeatureExtractor, images: np.ndarray, with_patches: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one feature path of extraction, batch scoring and serving.
+
+    uint8 NHWC images (numpy) -> (pooled float32 ``(n, D)``, patches float16 ``(n, H, W, C)`` or None).
+    On CUDA the batch goes through pinned memory and fp16 autocast with a channels_last model
+    (see :func:`prepare_for_device`); on CPU it runs in float32.
+    """
+    device = model.mean.device
+    tensor = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        pooled, patches = model(tensor, with_patches=with_patches)
+    return (pooled.float().cpu().numpy(),
+            patches.to(torch.float16).cpu().numpy() if patches is not None else None)
+
+
+def prepare_for_device(model: FeatureExtractor, device: str) -> FeatureExtractor:
+    """Move the extractor to ``device``; on CUDA also channels_last and cuDNN autotuning."""
+    target = torch.device(device)
+    model = model.to(target)
+    if target.type == "cuda":
+        # NHWC uint8 input is already channels_last after the permute in normalise()
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # one input size all run long: tune kernels once
+    return model

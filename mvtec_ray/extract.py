@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .backbones import BACKBONES, FeatureExtractor, ResolvedWeights, resolve_weights
+from .backbones import BACKBONES, FeatureExtractor, ResolvedWeights, embed_images, prepare_for_device, resolve_weights
 from .catalog import Catalog
 from .config import ExtractConfig
 from .features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
@@ -157,28 +157,16 @@ class Extractor:
         if hasattr(weights, "hex") and not isinstance(weights, (str, bytes)):  # a Ray ObjectRef
             import ray
             weights = ray.get(weights)
-        self.device = torch.device(device)
-        self.model = FeatureExtractor(BACKBONES[backbone], weights, patch_dim).to(self.device)
-        self.half = self.device.type == "cuda"
-        if self.half:
-            # NHWC uint8 input is already channels_last after the permute in normalise()
-            self.model = self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True  # one input size all run long: tune kernels once
+        self.model = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim), device)
         self.with_patches = with_patches
         self.node = _current_node()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
         images = batch.pop("image")
         ok = np.asarray(batch["status"]) == "ok"
-        tensor = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
-            pooled, patches = self.model(tensor, with_patches=self.with_patches)
-        batch["pooled"] = pooled.float().cpu().numpy()
+        batch["pooled"], patches = embed_images(self.model, images, self.with_patches)
         if patches is not None:
-            batch["patches"] = patches.to(torch.float16).cpu().numpy()
+            batch["patches"] = patches
         batch["pooled"][~ok] = 0.0
         batch[NODE_COLUMN] = np.full(len(ok), self.node, dtype=object)
         return batch

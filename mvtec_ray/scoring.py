@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .backbones import BACKBONES, RANDOM_WEIGHTS_ID, FeatureExtractor, resolve_weights
+from .backbones import BACKBONES, RANDOM_WEIGHTS_ID, FeatureExtractor, embed_images, prepare_for_device, resolve_weights
 from .catalog import IMAGE_EXTENSIONS
 from .config import ExtractConfig, RunConfig
 from .errors import ModelMismatch, UserError
@@ -201,8 +201,7 @@ class Scorer:
         if hasattr(weights, "hex") and not isinstance(weights, (str, bytes)):
             import ray
             weights = ray.get(weights)
-        self.device = torch.device(device)
-        self.extractor = FeatureExtractor(BACKBONES[backbone], weights, patch_dim).to(self.device)
+        self.extractor = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim), device)
         self.models: dict[str, list] = {}
         for category, name in pairs:
             model = load_model(storage, models_uri, category, name, expect=expect)
@@ -214,16 +213,12 @@ class Scorer:
         self.scored_at = scored_at
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-        images = np.require(batch.pop("image"), np.uint8, ["C", "W"])
+        images = batch.pop("image")
         ok = np.asarray(batch["status"]) == "ok"
         categories = np.asarray(batch["category"]).astype(str)
         pooled = patches = None
         if ok.any():
-            with torch.inference_mode():
-                p, q = self.extractor(torch.from_numpy(images[ok]).to(self.device), with_patches=self.need_patches)
-            pooled = p.float().cpu().numpy()
-            patches = q.to(torch.float16).cpu().numpy() if q is not None else None
+            pooled, patches = embed_images(self.extractor, images[ok], self.need_patches)
         # one detector call per (category, model) for the whole batch, not per image
         position = np.cumsum(ok) - 1
         per_row: dict[int, list] = {}
