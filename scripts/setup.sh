@@ -11,6 +11,6 @@ fi
 echo "setting up .venv (first time: a few minutes; torch comes from the local wheel cache)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -vE "is ignored|^\s*$|!!|WheelFile|wheel_obj|strategy" >&2 || true
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -vE "is ignored|^\s*$|!!|WheelFile|wheel_obj|strategy|BuildBackendWarning|^\s+(\*|Please|name as|corresp)" >&2 || true
 .venv/bin/python -c "import mvtec_ray, torch, ray, faiss" || { echo "install failed" >&2; exit 1; }
 echo "$want" > "$stamp"
