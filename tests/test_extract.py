@@ -511,7 +511,7 @@ def test_extractor_cpu_path_without_cuda(lite0_weights):
     """The CPU path never touches CUDA-only calls (pinned memory, half precision)."""
     from mvtec_ray.extract import Extractor
     extractor = Extractor("efficientnet_lite0", lite0_weights.state_dict, None, True, device="cpu", threads=1)
-    assert not extractor.half
+    assert next(extractor.model.parameters()).dtype == torch.float32
     images = np.zeros((2, 64, 64, 3), np.uint8)
     images.setflags(write=False)  # as handed over by Ray's object store
     with warnings.catch_warnings():
