@@ -50,13 +50,15 @@ def plan_work(entries: pd.DataFrame, config: ExtractConfig, done_row_ids: set[st
             n_hold = max(config.min_holdout, int(round(config.holdout_fraction * len(train))))
             n_hold = min(n_hold, len(train) - 1)
         ids = list(train["image_id"])
+        # an empty file can only become an error row: never spend a validation slot on it
+        empty = set(train.loc[train["size_bytes"] == 0, "image_id"]) if "size_bytes" in train else set()
         held = {i for i in ids if known.get(i) == "val_good"}
         # the fresh run's draw order, skipping images already placed: a run resumed after a crash
         # holds out exactly what an uninterrupted run would; a grown dataset only adds images
         for k in row_rng(config.seed, category, "holdout").permutation(len(ids)):
             if len(held) >= n_hold:
                 break
-            if known.get(ids[k]) not in ("train", "val_good"):
+            if known.get(ids[k]) not in ("train", "val_good") and ids[k] not in empty:
                 held.add(ids[k])
         for row in group.itertuples(index=False):
             if row.split == "test":

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import posixpath
-import random
 import re
 import stat
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,14 +74,17 @@ class Storage:
             self._fs_cache["local"] = pafs.LocalFileSystem()
         return self._fs_cache["local"]
 
-    def _s3(self) -> pafs.FileSystem:
-        if "s3" not in self._fs_cache:
+    def _s3(self, attempts: int | None = None) -> pafs.FileSystem:
+        attempts = attempts or self.s3.max_attempts
+        key = f"s3-{attempts}"
+        if key not in self._fs_cache:
             s = self.s3
             kwargs: dict = {
                 "region": s.region or "us-east-1",
                 "connect_timeout": s.connect_timeout_s,
                 "request_timeout": s.request_timeout_s,
-                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s.max_attempts),
+                # the only retry layer: per request, with the SDK's backoff (throttling, 5xx, network)
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
             }
             if s.endpoint_url:
                 scheme, _, rest = s.endpoint_url.partition("://")
@@ -96,27 +97,21 @@ class Storage:
                 kwargs["secret_key"] = s.secret_key.get_secret_value()
                 if s.session_token:
                     kwargs["session_token"] = s.session_token.get_secret_value()
-            self._fs_cache["s3"] = pafs.S3FileSystem(**kwargs)
-        return self._fs_cache["s3"]
+            self._fs_cache[key] = pafs.S3FileSystem(**kwargs)
+        return self._fs_cache[key]
 
     # -- operations --------------------------------------------------------
-    def retry(self, what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
-        """Run ``fn``; retry transient errors with jittered backoff, translate the rest."""
-        attempts = attempts or self.s3.max_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except FileNotFoundError:
-                raise
-            except OSError as exc:
-                message = str(exc)
-                transient = is_transient(message)
-                if attempt < attempts and transient:
-                    time.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
-                    continue
-                error = StorageUnavailable if transient else StorageError
-                raise error(f"{what}: {describe_storage_error(message)}") from None
-        raise AssertionError("unreachable")
+    def retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (whose S3 requests the SDK already retried) and translate its errors: transient
+        ones (throttling, 5xx, network) to :class:`StorageUnavailable`, the rest to :class:`StorageError`."""
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            message = str(exc)
+            error = StorageUnavailable if is_transient(message) else StorageError
+            raise error(f"{what}: {describe_storage_error(message)}") from None
 
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.resolve(uri)
@@ -232,13 +227,15 @@ class Storage:
 
     def check_reachable(self, uri: str) -> None:
         """Fail early, with a message a person can act on, when ``uri`` cannot be listed."""
-        fs, path = self.resolve(uri)
-        # the client's own retries only: a preflight that fails should fail fast
-        info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(path), attempts=1)
+        if is_s3(uri):
+            fs, path = self._s3(attempts=1), uri[len("s3://"):].rstrip("/")  # a preflight fails fast
+        else:
+            fs, path = self.resolve(uri)
+        info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(path))
         if info.type == pafs.FileType.NotFound:
             if is_s3(uri):
                 bucket = path.split("/", 1)[0]
-                bucket_info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(bucket), attempts=1)
+                bucket_info = self.retry(f"cannot reach {uri}", lambda: fs.get_file_info(bucket))
                 if bucket_info.type == pafs.FileType.NotFound:
                     raise StorageError(f"bucket {bucket!r} does not exist (or is not visible with these credentials)")
             raise StorageError(f"not found: {uri}")

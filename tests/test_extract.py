@@ -436,6 +436,19 @@ def test_plan_for_a_grown_dataset_keeps_earlier_holdout(small_dataset, seed):
         assert list(after["image_id"]) == [newest], (newest, list(after["image_id"]))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_empty_files_are_never_held_out(small_dataset, seed):
+    """A zero-byte training file would be an error row: the validation holdout never draws it."""
+    entries = build_catalog(str(small_dataset), Storage(), [CATEGORY]).entries.copy()
+    config = ExtractConfig(seed=seed)
+    first = plan_work(entries, config)
+    held = sorted(first.loc[first["split"] == "val_good", "image_id"])
+    entries.loc[entries["image_id"].isin(held), "size_bytes"] = 0
+    second = plan_work(entries, config)
+    held_again = set(second.loc[second["split"] == "val_good", "image_id"])
+    assert len(held_again) == len(held) and not held_again & set(held)
+
+
 # -- actor pool sizing (no Ray needed: fake cluster resources) -------------------------------------
 def fake_cluster(monkeypatch, *nodes: dict) -> None:
     import ray

@@ -141,6 +141,16 @@ def test_storage_retries_transient_faults_and_gives_up_on_permanent(s3_server):
             storage.write_bytes("s3://mvtec/faults/unit/other.bin", b"x")
 
 
+def test_one_retry_layer(s3_server):
+    """A failing read costs exactly ``max_attempts`` requests, not the SDK's retries times the project's."""
+    with FaultProxy(s3_server["endpoint"], statuses=(503,)) as proxy:
+        proxy.fail_all = True
+        storage = Storage(_settings(proxy.endpoint, attempts=3))
+        with pytest.raises(StorageUnavailable):
+            storage.read_bytes("s3://mvtec/faults/unit/blob.bin")
+        assert proxy.requests == 3
+
+
 @pytest.fixture
 def no_progress_timeout(ray_session):
     """A stalled extraction fails within minutes with Ray Data's diagnostics, not at pytest's timeout."""
