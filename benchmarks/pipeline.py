@@ -1,0 +1,134 @@
+"""The demo's work two ways: ``mvtec-ray run`` on an embedded Ray against a bare single process
+calling the same library functions in a loop (decode, embed, write shards, fit, evaluate, report).
+
+    python benchmarks/pipeline.py [--data DIR] [--backbone efficientnet_lite0] [--detectors a,b]
+
+Both sides start as cold processes on the same CPUs (the bare one runs torch, BLAS and faiss with
+as many threads as there are CPUs). Prints wall seconds, CPU seconds and peak PSS of each whole
+process tree, then ``run/bare=`` (wall) and ``mem_run/bare=`` (peak PSS, Ray's daemons and workers
+included, against the bare process).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import ROOT, emit, load_average, python, require_ok, run_cold  # noqa: E402
+
+
+def bare(data: str, out: str, backbone: str, detectors: list[str] | None) -> None:
+    """The pipeline's work in this one process, through the library's own functions."""
+    import json
+
+    import numpy as np
+    started = time.perf_counter()
+    threads = os.cpu_count() or 1
+    import torch
+    torch.set_num_threads(threads)
+    from mvtec_ray.backbones import resolve_weights
+    from mvtec_ray.catalog import build_catalog
+    from mvtec_ray.config import load_config
+    from mvtec_ray.evaluation import summarise
+    from mvtec_ray.extract import (Extractor, extraction_metadata, plan_work, prepare_batch,
+                                   probe_feature_shapes)
+    from mvtec_ray.features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
+    from mvtec_ray.fitting import fit_category_detector
+    from mvtec_ray.model_store import write_manifest
+    from mvtec_ray.pipeline import write_outputs
+    from mvtec_ray.report import write_report
+    from mvtec_ray.storage import Storage, join
+
+    overrides = {"data": data, "out": out, "extract.backbone": backbone, "detectors.names": detectors}
+    config = load_config(None, overrides)
+    storage = Storage(config.s3)
+    catalog = build_catalog(config.data, storage, config.categories)
+    weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
+    ec = config.extract
+    plan = plan_work(catalog.entries, ec)
+    metadata = extraction_metadata(ec, weights, probe_feature_shapes(ec, weights))
+    out_dir = join(out, "features", ec.fingerprint())
+    storage.write_bytes(join(out_dir, EXTRACT_META), json.dumps(metadata).encode())
+    extractor = Extractor(ec.backbone, weights.state_dict, ec.patch_dim, ec.patch_maps != "none", "cpu", threads)
+    rows = 0
+    for start in range(0, len(plan), 4):
+        block = plan.iloc[start:start + 4]
+        prepared = prepare_batch({c: block[c].to_numpy() for c in block.columns}, ec, storage)
+        n = len(prepared["row_id"])
+        for i in range(0, n, ec.batch_size):
+            part = {k: v[i:i + ec.batch_size] for k, v in prepared.items()}
+            write_shards(extractor(part), out_dir, storage, metadata)
+            rows += len(part["row_id"])
+    storage.write_bytes(join(out_dir, SUCCESS), json.dumps({"rows": rows}).encode())
+    extract_s = time.perf_counter() - started
+    features = FeatureSet.open(out_dir, storage)
+    outcomes = []
+    for category in features.categories():
+        pooled = features.load_pooled(category)
+        for name in config.detectors.names:
+            outcomes.append(fit_category_detector(features, category, name, config.detectors.params.get(name, {}),
+                                                  config.evaluation, out, storage, threads, pooled, metadata))
+    import pandas as pd
+    results = summarise(pd.DataFrame([o.row for o in outcomes]))
+    scores = pd.concat([o.scores for o in outcomes if len(o.scores)], ignore_index=True)
+    write_manifest(storage, join(out, "models"), [{"category": o.row["category"], "detector": o.row["detector"],
+                                                   "status": o.row["status"]} for o in outcomes])
+    write_outputs(out, storage, config, results, scores, features.error_rows().to_pandas(), catalog.skipped)
+    write_report(out)
+    ok = results[results["category"] != "mean"] if "category" in results else results
+    emit(rows=rows, fits=len(outcomes), fit_errors=int((ok.get("status") == "error").sum()),
+         extract_s=extract_s, total_s=time.perf_counter() - started, mean_auroc=float(np.nanmean(ok["auroc"])))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", choices=["bare", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help="dataset root (default: the generated sample data, made here)")
+    parser.add_argument("--out")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--detectors", help="comma-separated (default: every default detector)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args()
+    detectors = args.detectors.split(",") if args.detectors else None
+    if args.side == "bare":
+        bare(args.data, args.out, args.backbone, detectors)
+        return
+    if args.side == "ray":
+        from mvtec_ray.cli import main as cli
+        argv = ["run", "--data", args.data, "--out", args.out, "--backbone", args.backbone]
+        sys.exit(cli(argv + (["--detectors", args.detectors] if args.detectors else [])))
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    scratch = tempfile.mkdtemp(prefix="bench-pipeline-")
+    try:
+        data = args.data or os.path.join(scratch, "data")
+        if not args.data:
+            from mvtec_ray.sample_data import generate_sample_dataset
+            generate_sample_dataset(data)
+        print(f"load average before: {load_average()}")
+        common = ["--data", data, "--backbone", args.backbone] + (["--detectors", args.detectors] if args.detectors else [])
+        sides = {}
+        for side in ("bare", "ray"):
+            print(f"[{side}] cold process")
+            sides[side] = require_ok(run_cold(python("benchmarks/pipeline.py", "--side", side, "--out",
+                                                     os.path.join(scratch, side), *common)), side)
+            m = sides[side]
+            print(f"[{side}] wall {m.wall_s:.1f}s, CPU {m.cpu_s:.1f}s, peak PSS {m.peak_pss_mb:.0f} MB over "
+                  f"up to {m.peak_processes} processes")
+        print(f"load average after: {load_average()}")
+        emit(bare_wall_s=sides["bare"].wall_s, run_wall_s=sides["ray"].wall_s,
+             bare_pss_mb=sides["bare"].peak_pss_mb, run_pss_mb=sides["ray"].peak_pss_mb,
+             bare_cpu_s=sides["bare"].cpu_s, run_cpu_s=sides["ray"].cpu_s)
+        emit(**{"run/bare": sides["ray"].wall_s / sides["bare"].wall_s,
+                "mem_run/bare": sides["ray"].peak_pss_mb / sides["bare"].peak_pss_mb})
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
