@@ -18,13 +18,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import ROOT, emit, load_average, python, require_ok, run_cold  # noqa: E402
+from baselines import bare_extract  # noqa: E402
+from measure import emit, load_average, python, require_ok, run_cold  # noqa: E402
 
 
 def bare(data: str, out: str, backbone: str, detectors: list[str] | None) -> None:
     """The pipeline's work in this one process, through the library's own functions."""
-    import json
-
     import numpy as np
     started = time.perf_counter()
     threads = os.cpu_count() or 1
@@ -34,9 +33,7 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None) -> Non
     from mvtec_ray.catalog import build_catalog
     from mvtec_ray.config import load_config
     from mvtec_ray.evaluation import summarise
-    from mvtec_ray.extract import (Extractor, extraction_metadata, plan_work, prepare_batch,
-                                   probe_feature_shapes)
-    from mvtec_ray.features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
+    from mvtec_ray.features import FeatureSet
     from mvtec_ray.fitting import fit_category_detector
     from mvtec_ray.model_store import write_manifest
     from mvtec_ray.pipeline import write_outputs
@@ -48,24 +45,11 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None) -> Non
     storage = Storage(config.s3)
     catalog = build_catalog(config.data, storage, config.categories)
     weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
-    ec = config.extract
-    plan = plan_work(catalog.entries, ec)
-    metadata = extraction_metadata(ec, weights, probe_feature_shapes(ec, weights))
-    out_dir = join(out, "features", ec.fingerprint())
-    storage.write_bytes(join(out_dir, EXTRACT_META), json.dumps(metadata).encode())
-    extractor = Extractor(ec.backbone, weights.state_dict, ec.patch_dim, ec.patch_maps != "none", "cpu", threads)
-    rows = 0
-    for start in range(0, len(plan), 4):
-        block = plan.iloc[start:start + 4]
-        prepared = prepare_batch({c: block[c].to_numpy() for c in block.columns}, ec, storage)
-        n = len(prepared["row_id"])
-        for i in range(0, n, ec.batch_size):
-            part = {k: v[i:i + ec.batch_size] for k, v in prepared.items()}
-            write_shards(extractor(part), out_dir, storage, metadata)
-            rows += len(part["row_id"])
-    storage.write_bytes(join(out_dir, SUCCESS), json.dumps({"rows": rows}).encode())
+    out_dir = join(out, "features", config.extract.fingerprint())
+    rows = bare_extract(catalog, config.extract, weights, out_dir, storage, threads)
     extract_s = time.perf_counter() - started
     features = FeatureSet.open(out_dir, storage)
+    metadata = features.metadata()
     outcomes = []
     for category in features.categories():
         pooled = features.load_pooled(category)
@@ -81,7 +65,7 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None) -> Non
     write_report(out)
     ok = results[results["category"] != "mean"] if "category" in results else results
     emit(rows=rows, fits=len(outcomes), fit_errors=int((ok.get("status") == "error").sum()),
-         extract_s=extract_s, total_s=time.perf_counter() - started, mean_auroc=float(np.nanmean(ok["auroc"])))
+         extract_s=extract_s, total_s=time.perf_counter() - started, mean_auroc=float(np.nanmean(ok["image_auroc"])))
 
 
 def main() -> None:

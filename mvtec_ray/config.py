@@ -74,6 +74,10 @@ class ExtractConfig(_Strict):
     #: reduce patch channels to this many by adaptive average pooling (PatchCore); None keeps all
     patch_dim: int | None = Field(None, ge=8)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: "fused": decode, embed and write in the same actors (least overhead when one kind of
+    #: processor does all three); "staged": CPU decoder actors -> extractor actors -> writer actors
+    #: (a GPU needs many CPU decoders); "auto": fused on CPU, staged on GPU
+    stages: Literal["auto", "fused", "staged"] = "auto"
     gpus_per_actor: float = Field(1.0, gt=0, le=8)
     #: extractor actors; None sizes the pool from the cluster (GPUs, else CPUs / 2)
     actors: int | None = Field(None, ge=1)

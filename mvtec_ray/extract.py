@@ -22,11 +22,13 @@ from .features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
 from .images import (DecodeError, DecodeLimits, apply_augmentation, decode_image, decode_mask,
                      encode_mask_png, make_synthetic_anomaly, params_json, row_rng, sample_augmentation)
 from .errors import StorageUnavailable
+from .progress import Progress
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
 WRITER_CPUS = 0.25  # per shard-writer actor; cluster_plan keeps one such slot free beside the extractors
 NODE_COLUMN = "extract_node"  # per-row Ray node id of the extractor actor (driver-side summary only)
+SUMMARY_COLUMNS = ["row_id", "image_id", "source_uri", "category", "split", "status", "error", "file", NODE_COLUMN]
 PLAN_COLUMNS = ["image_id", "uri", "version", "category", "split", "label", "defect_type", "mask_uri",
                 "variants"]
 
@@ -214,6 +216,31 @@ class ShardWriter:
         return _write_shards_keep_node(batch, self.root, self.storage, self.metadata)
 
 
+class ExtractionWorker:
+    """Decode, embed and write in one long-lived actor: the CPU path.
+
+    On CPU nodes the three stages compete for the same cores anyway; fusing them saves a process
+    per stage (each with its own imports and memory), and the pixels and patch maps never cross
+    the object store. GPU nodes keep separate CPU decoders feeding the GPU actors instead.
+    """
+
+    def __init__(self, config: ExtractConfig, storage: Storage, root: str, metadata: dict, weights,
+                 threads: int | None = None):
+        self.config, self.storage, self.root, self.metadata = config, storage, root, metadata
+        self.extractor = Extractor(config.backbone, weights, config.patch_dim, config.patch_maps != "none",
+                                   "cpu", threads)
+
+    def __call__(self, plan_rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prepared = prepare_batch(plan_rows, self.config, self.storage)
+        size, parts = self.config.batch_size, []
+        for start in range(0, len(prepared["row_id"]), size):
+            batch = {key: value[start:start + size] for key, value in prepared.items()}
+            parts.append(_write_shards_keep_node(self.extractor(batch), self.root, self.storage, self.metadata))
+        if not parts:
+            return {key: np.zeros(0, dtype=object) for key in SUMMARY_COLUMNS}
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
 # -- Ray Data wiring ------------------------------------------------------------
 @dataclass
 class ExtractionResult:
@@ -304,6 +331,15 @@ def cluster_plan(config: ExtractConfig) -> dict:
         plan["actors"] = max(cap, 1)
         if not config.torch_threads and plan["device"] == "cpu":
             plan["threads"] = max(1, int(min(cpus / plan["actors"], node_cpus)))
+    plan["fused"] = plan["device"] == "cpu" if config.stages == "auto" else config.stages == "fused"
+    plan["resources"] = dict(config.actor_resources)
+    if plan["fused"]:
+        # decode, embed and write in the same actors: nothing else needs a CPU slot beside them
+        share = cpus / plan["actors"]
+        if plan["num_cpus"] > share:  # Ray takes whole numbers above 1 and at most 4 decimals below
+            plan["num_cpus"] = float(int(share)) if share >= 1 else max(0.0001, int(share * 1e4) / 1e4)
+        plan["readers"] = plan["writers"] = 0
+        return plan
     # actors hold their CPUs for the whole run: together they must leave a reader and a writer slot
     # free, or the decode tasks feeding them are never scheduled (a silent hang, e.g. 2 GPU actors
     # on 2 CPUs), or the writer waits until every image is decoded (all patches pile up in memory)
@@ -311,7 +347,6 @@ def cluster_plan(config: ExtractConfig) -> dict:
     if plan["num_cpus"] > share:
         # Ray takes whole numbers above 1 and at most 4 decimals below
         plan["num_cpus"] = float(int(share)) if share >= 1 else max(0.0001, int(share * 1e4) / 1e4)
-    plan["resources"] = dict(config.actor_resources)
     # reader / writer actor pools grow up to what the CPUs left beside the extractors hold (a GPU
     # needs many decoders); writing costs about half of decoding per image
     free = cpus - plan["actors"] * plan["num_cpus"]
@@ -356,28 +391,25 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
         batch_size = config.batch_size
         # a small increment (a grown dataset) does not start actors that would get no batch
         actors = max(1, min(resources["actors"], -(-len(expected_row_ids(plan)) // batch_size)))
-        # small blocks so decode work spreads over readers from the start
+        # small blocks so decode work spreads over the workers from the start
         blocks = [plan.iloc[i:i + 4] for i in range(0, len(plan), 4)]
         ds = ray.data.from_pandas(blocks)
-        ds = ds.map_batches(Preparer, fn_constructor_kwargs={"config": config, "storage": storage},
-                            batch_size=4, batch_format="numpy", num_cpus=config.cpus_per_reader,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources["readers"]))
-        ds = ds.map_batches(
-            Extractor, batch_size=batch_size, batch_format="numpy",
-            fn_constructor_kwargs={"backbone": config.backbone, "weights": weights_ref,
-                                   "patch_dim": config.patch_dim, "with_patches": config.patch_maps != "none",
-                                   "device": resources["device"], "threads": resources["threads"]},
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
-            resources=resources["resources"] or None)
-        ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"root": out_dir, "storage": storage,
-                                                                "metadata": metadata},
-                            batch_size=None, batch_format="numpy", num_cpus=WRITER_CPUS,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources["writers"]))
+        if resources["fused"]:
+            ds = ds.map_batches(ExtractionWorker, batch_size=4, batch_format="numpy",
+                                fn_constructor_kwargs={"config": config, "storage": storage, "root": out_dir,
+                                                       "metadata": metadata, "weights": weights_ref,
+                                                       "threads": resources["threads"]},
+                                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=resources["num_cpus"],
+                                resources=resources["resources"] or None)
+        else:
+            ds = _staged_pipeline(ds, config, storage, out_dir, metadata, weights_ref, resources, actors)
+        shown = Progress("extract", len(expected_row_ids(plan)), "rows")
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             summaries.append(part.drop(columns=["file"]))
+            shown.update(len(part))
             if progress is not None:
                 progress.append((time.perf_counter() - started, len(part)))
+        shown.close()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data stats:\n%s", ds.stats())  # per-operator time, backpressure
     produced = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(
@@ -395,3 +427,24 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
                "counts": counts.to_dict(orient="records"), "finished_at": time.time()}
     storage.write_bytes(join(out_dir, SUCCESS), json.dumps(success, indent=2).encode())
     return ExtractionResult(out_dir, counts, errors, time.perf_counter() - started, len(done), nodes)
+
+
+def _staged_pipeline(ds, config: ExtractConfig, storage: Storage, out_dir: str, metadata: dict, weights_ref,
+                     resources: dict, actors: int):
+    """GPU path: CPU decoder actors -> GPU extractor actors -> shard writer actors."""
+    import ray
+    ds = ds.map_batches(Preparer, fn_constructor_kwargs={"config": config, "storage": storage},
+                        batch_size=4, batch_format="numpy", num_cpus=config.cpus_per_reader,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources["readers"]))
+    ds = ds.map_batches(
+        Extractor, batch_size=config.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"backbone": config.backbone, "weights": weights_ref,
+                               "patch_dim": config.patch_dim, "with_patches": config.patch_maps != "none",
+                               "device": resources["device"], "threads": resources["threads"]},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
+        resources=resources["resources"] or None)
+    return ds.map_batches(ShardWriter, fn_constructor_kwargs={"root": out_dir, "storage": storage,
+                                                              "metadata": metadata},
+                          batch_size=None, batch_format="numpy", num_cpus=WRITER_CPUS,
+                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources["writers"]))

@@ -22,6 +22,7 @@ from .extract import ExtractionResult, run_extraction
 from .features import FeatureSet
 from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task
 from .model_store import write_manifest
+from .progress import Progress
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,10 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
     log.info("fitting %d (category, detector) tasks", len(pending))
     outcomes: list[FitOutcome] = []
     remaining = list(pending)
+    shown = Progress("fit", len(pending), "tasks")
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1)
+        shown.update(1)
         category, name = pending[done[0]]
         try:
             outcome = ray.get(done[0])
@@ -106,6 +109,7 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
                                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
         log.debug("fitted %s/%s: %s", category, name, outcome.row.get("status"))
         outcomes.append(outcome)
+    shown.close()
     rows = pd.DataFrame([o.row for o in outcomes])
     results = summarise(rows)
     scores = pd.concat([o.scores for o in outcomes if len(o.scores)], ignore_index=True) if outcomes else \

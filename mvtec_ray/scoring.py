@@ -271,6 +271,18 @@ class Scorer:
             out[key].append(value)
 
 
+class ScoringWorker:
+    """Decode, score and write in one long-lived actor: the CPU path (see extract.ExtractionWorker)."""
+
+    def __init__(self, config: ExtractConfig, storage: Storage, out_uri: str, **scorer_kwargs):
+        self.config, self.storage, self.out_uri = config, storage, out_uri
+        self.scorer = Scorer(storage=storage, **scorer_kwargs)
+
+    def __call__(self, listing: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prepared = _prepare_or_reject(listing, self.config, self.storage)
+        return write_score_shards(self.scorer(prepared), self.out_uri, self.storage)
+
+
 def write_score_shards(batch: dict[str, np.ndarray], out_uri: str, storage: Storage) -> dict[str, np.ndarray]:
     """Write the batch's shards; return only counts per category (nothing per image reaches the driver)."""
     status = np.asarray(batch["status"])
@@ -391,21 +403,27 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
         return summary
 
     resources = cluster_plan(extract_cfg)
+    scorer_kwargs = {"models_uri": models_uri, "pairs": pairs, "backbone": schema["backbone"],
+                     "weights": ray.put(weights.state_dict), "patch_dim": schema.get("patch_dim"),
+                     "map_size": config.evaluation.pixel_eval_size, "threads": resources["threads"],
+                     "device": resources["device"], "expect": expect, "versions": versions, "scored_at": scored_at}
     ds = ray.data.from_pandas_refs(blocks)
-    ds = ds.map_batches(_prepare_or_reject, fn_kwargs={"config": extract_cfg, "storage": storage},
-                        batch_size=8, batch_format="numpy", num_cpus=extract_cfg.cpus_per_reader)
-    ds = ds.map_batches(Scorer, batch_size=extract_cfg.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"models_uri": models_uri, "pairs": pairs, "storage": storage,
-                                               "backbone": schema["backbone"], "weights": ray.put(weights.state_dict),
-                                               "patch_dim": schema.get("patch_dim"),
-                                               "map_size": config.evaluation.pixel_eval_size,
-                                               "threads": resources["threads"], "device": resources["device"],
-                                               "expect": expect, "versions": versions, "scored_at": scored_at},
-                        compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
-                        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
-                        resources=resources.get("resources") or None)
-    ds = ds.map_batches(write_score_shards, fn_kwargs={"out_uri": out_uri, "storage": storage},
-                        batch_size=None, batch_format="numpy", num_cpus=WRITER_CPUS)
+    if resources["fused"]:
+        ds = ds.map_batches(ScoringWorker, batch_size=extract_cfg.batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={"config": extract_cfg, "storage": storage, "out_uri": out_uri,
+                                                   **scorer_kwargs},
+                            compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
+                            num_cpus=resources["num_cpus"], resources=resources.get("resources") or None)
+    else:
+        ds = ds.map_batches(_prepare_or_reject, fn_kwargs={"config": extract_cfg, "storage": storage},
+                            batch_size=8, batch_format="numpy", num_cpus=extract_cfg.cpus_per_reader)
+        ds = ds.map_batches(Scorer, batch_size=extract_cfg.batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={"storage": storage, **scorer_kwargs},
+                            compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
+                            num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
+                            resources=resources.get("resources") or None)
+        ds = ds.map_batches(write_score_shards, fn_kwargs={"out_uri": out_uri, "storage": storage},
+                            batch_size=None, batch_format="numpy", num_cpus=WRITER_CPUS)
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c, images, rows, errors in zip(part["category"], part["images"], part["rows"], part["errors"]):
             summary.scored_images += int(images)

@@ -78,3 +78,47 @@ def s3_settings(s3_server):
     return S3Settings(endpoint_url=s3_server["endpoint"], region="us-east-1",
                       access_key=s3_server["aws_access_key_id"], secret_key=s3_server["aws_secret_access_key"])
 
+
+
+# -- nothing left behind ------------------------------------------------------------------------
+# every process this session starts (Ray daemons and workers, moto_server, CLI subprocesses and their
+# own Ray) inherits this variable: what is left at the end is found by it, and only that is ended
+_SESSION_MARK = "MVTEC_RAY_TEST_SESSION"
+os.environ[_SESSION_MARK] = f"{os.getpid()}-{__import__('uuid').uuid4().hex[:8]}"
+
+
+def leftover_processes() -> list:
+    """Processes started by this test session that are still alive, wherever they hang (a Ray
+    worker whose raylet died is re-parented to init and is no longer our descendant)."""
+    import psutil
+    me = psutil.Process()
+    keep = {me.pid} | {p.pid for p in me.parents()}
+    mark = os.environ[_SESSION_MARK]
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid not in keep and proc.environ().get(_SESSION_MARK) == mark:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After every fixture is torn down (the session Ray stopped): end what is still running."""
+    import time
+
+    import psutil
+    deadline = time.time() + 10
+    while (left := leftover_processes()) and time.time() < deadline:
+        time.sleep(0.5)  # ray.shutdown() lets its daemons exit on their own first
+    if left:
+        names = set()
+        for proc in left:
+            try:
+                names.add(" ".join(proc.cmdline()[:1])[:60])
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=10)
+        print(f"\nended {len(left)} process(es) the tests left running: {', '.join(sorted(names))}")

@@ -461,8 +461,13 @@ def fake_cluster(monkeypatch, *nodes: dict) -> None:
 
 
 def assert_no_deadlock(plan: dict, config: ExtractConfig, cpus: float) -> None:
-    # long-lived actors must leave room for a decode task (or nothing ever feeds them) and a writer
     assert plan["actors"] >= 1 and plan["num_cpus"] > 0
+    assert plan["num_cpus"] == int(plan["num_cpus"]) or plan["num_cpus"] < 1  # Ray's rule for quantities
+    if plan["fused"]:  # decode, embed and write in the same actors: they only have to fit together
+        assert plan["actors"] * plan["num_cpus"] <= cpus + 1e-9, plan
+        assert round(plan["num_cpus"], 4) == plan["num_cpus"]
+        return
+    # long-lived actors must leave room for a decode task (or nothing ever feeds them) and a writer
     assert plan["actors"] * plan["num_cpus"] + config.cpus_per_reader + WRITER_CPUS <= cpus + 1e-9, plan
     assert plan["num_cpus"] == int(plan["num_cpus"]) or plan["num_cpus"] < 1  # Ray's rule for quantities
     assert plan["readers"] >= 1 and plan["writers"] >= 1
@@ -475,6 +480,8 @@ def test_cluster_plan_cpu_never_takes_every_cpu(monkeypatch, cpus):
     plan = cluster_plan(config)
     assert plan["device"] == "cpu" and plan["num_gpus"] == 0
     assert_no_deadlock(plan, config, cpus)
+    assert plan["fused"]  # CPU only: decode, embed and write in the same actors
+    assert_no_deadlock(cluster_plan(ExtractConfig(stages="staged")), config, cpus)
     assert 1 <= plan["threads"] <= cpus
     assert plan["actors"] * plan["threads"] <= max(cpus, 1)  # no oversubscription from torch threads
     if cpus <= 4:  # small node: single-threaded actors, one per core
@@ -488,6 +495,7 @@ def test_cluster_plan_cpu_with_user_settings_on_two_cpus(monkeypatch, overrides)
     config = ExtractConfig(**overrides)
     plan = cluster_plan(config)
     assert_no_deadlock(plan, config, 2)
+    assert_no_deadlock(cluster_plan(config.model_copy(update={"stages": "staged"})), config, 2)
     if "actors" in overrides:
         assert plan["actors"] == overrides["actors"]
     if "torch_threads" in overrides:

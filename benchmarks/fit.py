@@ -1,21 +1,22 @@
 """Fit-stage scaling: every pooled detector x every category, sequential vs Ray tasks, in one run.
 
-    .venv/bin/python pipelines/benchmark_fit.py [--categories 15] [--train 250] [--test 110] [--dim 2048]
+    .venv/bin/python benchmarks/fit.py [--categories 15] [--train 250] [--test 110] [--dim 2048]
                                                [--cpus 2] [--knn-bank 50000] [--knn-queries 2000]
 
 Generates MVTec-size pooled features (2048-d like ResNet50's: non-negative, low-rank plus noise;
 anomalies shifted along low-variance directions) and writes them as a real feature store
 (``write_shards`` + ``_extract.json`` + ``_SUCCESS.json``). Then, on the same store:
 
-* sequential: ``fitting.fit_category_detector`` in a loop in this process, 1 thread, features
+* sequential: ``fitting.fit_category_detector`` in a loop in a cold process, 1 thread, features
   loaded once per category (what one Ray task does, minus Ray);
-* Ray: ``pipeline.run_fit`` on a fresh embedded Ray with ``--cpus`` CPUs, 1 CPU per task
-  (Ray start reported separately; worker start-up is inside, as users pay it).
+* Ray: ``pipeline.run_fit`` on a fresh embedded Ray with ``--cpus`` CPUs, 1 CPU per task, in a
+  cold process (Ray start and worker start-up inside, as users pay them).
 
 Also times faiss vs scikit-learn brute-force kNN scoring on a large bank (``--knn-bank 0`` skips).
 Prints both wall times, a breakdown of the Ray run (Ray's task events, CPU-seconds of the worker
 processes), ``cpu_efficiency`` (sequential CPU-s / Ray workers' CPU-s: the Ray-side overhead, little
-affected by other load) and, last, ``parallel_efficiency=<sequential / (ray x cpus)>``. Other load
+affected by other load), ``steady_parallel_efficiency`` (the fit phase alone, Ray start excluded) and
+``parallel_efficiency=<sequential wall / (ray wall x cpus)>`` of the two cold processes. Other load
 on the machine lowers the wall-clock ratio a lot (a 2-process job loses more to it than a
 1-process one): the load average is printed before and after.
 """
@@ -30,10 +31,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+from measure import emit, load_average, python, require_ok, run_cold  # noqa: E402
 
 POOLED = ["ocsvm", "iforest", "lof", "elliptic", "knn", "autoencoder", "mahalanobis"]
 
@@ -240,6 +243,22 @@ def knn_benchmark(n_bank: int, n_queries: int, dim: int, threads: int, repeats: 
     return faiss_s, sklearn_s, same
 
 
+def run_side(args) -> int:
+    """One side in this (cold) process; figures as name=value lines, results to OUT/results.parquet."""
+    import logging
+    logging.basicConfig(level=logging.ERROR)
+    detectors = args.detectors.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    if args.side == "seq":
+        results, fit_s, fit_cpu = run_sequential(args.features, args.out, detectors)
+        emit(fit_s=fit_s, fit_cpu_s=fit_cpu)
+    else:
+        results, init_s, fit_s, parts = run_ray(args.features, args.out, detectors, args.cpus)
+        emit(init_s=init_s, fit_s=fit_s, **{f"part_{k}": float(v) for k, v in parts.items()})
+    results.to_parquet(os.path.join(args.out, "results.parquet"), index=False)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--categories", type=int, default=15)
@@ -252,14 +271,19 @@ def main(argv=None) -> int:
     parser.add_argument("--knn-queries", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
+    parser.add_argument("--side", choices=["seq", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--features", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.side:
+        return run_side(args)
     import logging
     logging.basicConfig(level=logging.ERROR)  # a fit failure is an error cell: counted below, not logged
     detectors = args.detectors.split(",")
 
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
         work = Path(args.workdir or tmp)
-        print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (cpus here: {os.cpu_count()})")
+        print(f"load average at start: {load_average()}")
         started = time.perf_counter()
         features_dir = write_feature_store(str(work / "features"), args.categories, args.train, args.test,
                                            args.dim, args.seed)
@@ -273,14 +297,24 @@ def main(argv=None) -> int:
                   f"faiss {faiss_s:.2f} s, sklearn brute {sklearn_s:.2f} s (best of 2), "
                   f"sklearn/faiss={sklearn_s / faiss_s:.2f} (same distances: {same})")
 
-        seq_results, seq_s, seq_cpu = run_sequential(features_dir, str(work / "out-seq"), detectors)
-        print(f"sequential: {n_tasks} fits in one process, 1 thread: {seq_s:.1f} s ({seq_cpu:.1f} CPU-s)")
-        ray_results, init_s, ray_s, parts = run_ray(features_dir, str(work / "out-ray"), detectors, args.cpus)
-        print(f"ray: {n_tasks} tasks on {args.cpus} CPUs (1 CPU, 1 thread each): {ray_s:.1f} s "
-              f"(+ {init_s:.1f} s ray.init, not counted)")
+        common = ["--features", features_dir, "--detectors", args.detectors, "--cpus", str(args.cpus)]
+        seq = require_ok(run_cold(python("benchmarks/fit.py", "--side", "seq", "--out", str(work / "out-seq"),
+                                         *common), echo=False), "sequential side")
+        ray_run = require_ok(run_cold(python("benchmarks/fit.py", "--side", "ray", "--out", str(work / "out-ray"),
+                                             *common), echo=False), "ray side")
+        seq_s, seq_cpu = seq.figures["fit_s"], seq.figures["fit_cpu_s"]
+        init_s, ray_s = ray_run.figures["init_s"], ray_run.figures["fit_s"]
+        parts = {k[5:]: v for k, v in ray_run.figures.items() if k.startswith("part_")}
+        print(f"sequential: {n_tasks} fits in a cold process, 1 thread: {seq.wall_s:.1f} s wall "
+              f"({seq_s:.1f} s fitting, {seq_cpu:.1f} CPU-s)")
+        print(f"ray: {n_tasks} tasks on {args.cpus} CPUs (1 CPU, 1 thread each), cold process: {ray_run.wall_s:.1f} s "
+              f"wall ({init_s:.1f} s ray.init, {ray_s:.1f} s fitting); peak PSS {ray_run.peak_pss_mb:.0f} MB "
+              f"vs {seq.peak_pss_mb:.0f} MB")
         if parts:
-            print("ray breakdown: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in parts.items()))
+            print("ray breakdown: " + ", ".join(f"{k}={v:.1f}" for k, v in parts.items()))
+        import pandas as pd
+        seq_results = pd.read_parquet(work / "out-seq" / "results.parquet")
+        ray_results = pd.read_parquet(work / "out-ray" / "results.parquet")
 
         per_cat = {name: r[r["category"] != "mean"] for name, r in (("seq", seq_results), ("ray", ray_results))}
         errors = {name: int((r["status"] != "ok").sum()) for name, r in per_cat.items()}
@@ -296,13 +330,12 @@ def main(argv=None) -> int:
             print(f"{name} seconds per detector (fit+score, all categories): " + ", ".join(
                 f"{d} {fit_s.loc[d].sum():.1f}" for d in detectors if d in fit_s.index)
                   + f"; CPU seconds of all fits {table['cpu_seconds'].sum():.1f}")
-        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(f"load average at end: {load_average()}")
         if parts.get("worker_cpu_s"):
             # CPU-seconds barely depend on other load on the machine; wall-clock ratios do
-            print(f"cpu_efficiency={seq_cpu / parts['worker_cpu_s']:.2f} (sequential CPU-s / Ray worker CPU-s); "
-                  f"idle-machine estimate: parallel_efficiency<={seq_cpu / (args.cpus * parts['busiest_worker_cpu_s']):.2f}"
-                  " (sequential CPU-s / (cpus x busiest worker's CPU-s))")
-        print(f"parallel_efficiency={seq_s / (ray_s * args.cpus):.2f}")
+            emit(cpu_efficiency=seq_cpu / parts["worker_cpu_s"])
+        emit(steady_parallel_efficiency=seq_s / (ray_s * args.cpus))
+        emit(parallel_efficiency=seq.wall_s / (ray_run.wall_s * args.cpus))
     return 0
 
 
