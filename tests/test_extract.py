@@ -120,7 +120,11 @@ def test_s3_and_local_reads_give_identical_features(washer_run, small_dataset, s
     assert (remote_px["status"] == "ok").all()
     np.testing.assert_array_equal(remote_px["image"], local_px["image"])
 
-    result = run_extraction(catalog, "s3://mvtec/extract-features", CONFIG, storage, lite0_weights)
+    # the S3 side runs the staged pipeline (decoder -> extractor -> writer actors, the GPU layout), the
+    # local one the fused CPU path: the same rows and features from both
+    staged = CONFIG.model_copy(update={"stages": "staged"})
+    assert staged.fingerprint() == CONFIG.fingerprint()
+    result = run_extraction(catalog, "s3://mvtec/extract-features", staged, storage, lite0_weights)
     assert result.features_dir == f"s3://mvtec/extract-features/{CONFIG.fingerprint()}"
     remote = FeatureSet.open(result.features_dir, storage)
     remote_rows = read_rows(remote)
