@@ -76,8 +76,11 @@ def side(which: str, data: str, out: str, args) -> None:
         result = run_extraction(catalog, out, config, storage, weights, progress=timeline)
         rows = int(result.counts["rows"].sum())
     first_s, steady = steady_rate(timeline)
+    shard_bytes = sum(p.stat().st_size for p in Path(out).rglob("*.parquet"))
+    source_bytes = sum(p.stat().st_size for p in Path(data).rglob("*.png"))
     emit(weights_pretrained=int(weights.pretrained), rows=rows, first_batch_s=first_s, steady_img_s=steady,
-         in_process_s=time.perf_counter() - started)
+         in_process_s=time.perf_counter() - started, shard_kb_per_image=shard_bytes / 1024 / max(1, rows),
+         source_kb_per_image=source_bytes / 1024 / max(1, rows))
 
 
 def main() -> None:
@@ -112,7 +115,7 @@ def main() -> None:
             print(f"[{which}] wall {m.wall_s:.1f}s ({args.images / m.wall_s:.2f} img/s end to end), "
                   f"first shard after {m.figures.get('first_batch_s', float('nan')):.1f}s in-process, "
                   f"steady {m.figures.get('steady_img_s', float('nan')):.2f} img/s, CPU {m.cpu_s:.0f}s, "
-                  f"peak PSS {m.peak_pss_mb:.0f} MB")
+                  f"peak PSS {m.peak_pss_mb:.0f} MB ({m.describe_peak()})")
         print(f"load average after: {load_average()}")
         bare, ray = runs["bare"], runs["ray"]
         emit(bare_e2e_img_s=args.images / bare.wall_s, ray_e2e_img_s=args.images / ray.wall_s,

@@ -33,6 +33,11 @@ class Measured:
     returncode: int
     output: str
     figures: dict = field(default_factory=dict)
+    #: (process title, PSS MB) of every process at the moment of the peak, largest first
+    peak_breakdown: list = field(default_factory=list)
+
+    def describe_peak(self, top: int = 8) -> str:
+        return ", ".join(f"{name} {mb:.0f}" for name, mb in self.peak_breakdown[:top])
 
 
 def emit(**figures: float | int | str) -> None:
@@ -100,14 +105,17 @@ def run_cold(argv: list[str], env: dict | None = None, poll_s: float = 0.5, time
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     root = psutil.Process(proc.pid)
-    peak_pss, peak_n, cpu_seen = 0.0, 0, {}
+    peak_pss, peak_n, cpu_seen, breakdown = 0.0, 0, {}, []
     while proc.poll() is None:
         if time.perf_counter() - started > timeout_s:
             for p in process_tree(root)[::-1]:
                 p.kill()
             break
         members = process_tree(root)
-        peak_pss = max(peak_pss, sum(_pss_mb(p) for p in members))
+        sizes = [(_title(p), _pss_mb(p)) for p in members]
+        if sum(mb for _, mb in sizes) > peak_pss:
+            peak_pss = sum(mb for _, mb in sizes)
+            breakdown = sorted(sizes, key=lambda item: -item[1])
         peak_n = max(peak_n, len(members))
         for p in members:
             cpu_seen[p.pid] = max(cpu_seen.get(p.pid, 0.0), _cpu_s(p))
@@ -116,7 +124,20 @@ def run_cold(argv: list[str], env: dict | None = None, poll_s: float = 0.5, time
     reader.join(timeout=10)
     wall = time.perf_counter() - started
     output = "".join(lines)
-    return Measured(wall, sum(cpu_seen.values()), peak_pss, peak_n, proc.returncode, output, parse_figures(output))
+    return Measured(wall, sum(cpu_seen.values()), peak_pss, peak_n, proc.returncode, output, parse_figures(output),
+                    breakdown)
+
+
+def _title(process: psutil.Process) -> str:
+    """Ray sets worker titles to ``ray::<task or actor>``; other processes by their program."""
+    try:
+        words = process.cmdline()
+    except psutil.Error:
+        return "?"
+    if words and words[0].startswith("ray::"):
+        return words[0].split(" ")[0]
+    names = [os.path.basename(w) for w in words[:3] if w]
+    return next((n for n in names if n.endswith(".py") or n in ("raylet", "gcs_server")), names[0] if names else "?")
 
 
 def python(script: str, *args: str) -> list[str]:

@@ -33,6 +33,11 @@ def connect(config: RayConfig) -> None:
     import ray
     if ray.is_initialized():
         return
+    quiet = not log.isEnabledFor(logging.DEBUG)
+    if quiet:
+        # the core worker's C++ notices (e.g. Ray Data's actor-restart caveat) are nothing a user can act
+        # on; --debug keeps them
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     from ray.data import DataContext
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
@@ -54,6 +59,11 @@ def connect(config: RayConfig) -> None:
         # `ray start` recorded in /tmp/ray/ray_current_cluster (and reject num_cpus)
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING, configure_logging=True)
+    if quiet:
+        # Ray Data's per-dataset INFO lines and its "progress bars disabled" notice: the project
+        # shows its own progress line instead
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _fit_task_options(config: RunConfig, detector: str) -> dict:
