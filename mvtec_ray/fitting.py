@@ -22,7 +22,7 @@ from .model_store import save_model
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
-SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "path", "label", "defect_type",
+SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "input_uri", "label", "defect_type",
                  "score", "threshold", "map_file", "mask_file"]
 
 
@@ -112,7 +112,7 @@ def _finish(row: dict, detector, category: str, val_scores, val_labels, test: di
 
 def _score_rows(category, detector_name, split, part: dict, scores, map_files=None) -> list[dict]:
     return [{"category": category, "detector": detector_name, "split": split, "image_id": part["image_id"][i],
-             "row_id": part["row_id"][i], "path": part["source_uri"][i], "label": int(part["label"][i]),
+             "row_id": part["row_id"][i], "input_uri": part["source_uri"][i], "label": int(part["label"][i]),
              "defect_type": part["defect_type"][i], "score": float(scores[i]),
              "map_file": map_files[i] if map_files else "", "mask_file": part["mask_uri"][i]}
             for i in range(len(scores))]
