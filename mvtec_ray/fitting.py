@@ -1,7 +1,9 @@
 """Fit one detector on one category, score validation and test, evaluate (pure; no Ray).
 
 The threshold is chosen on the validation split only (held-out normals + synthetic
-anomalies); test labels are used for metrics and nothing else.
+anomalies); test labels are used for metrics and nothing else. Detectors are fitted on the
+train split alone: the validation images the threshold is chosen on are never seen by a fit
+(the autoencoder early-stops on its own seeded part of the train split).
 """
 from __future__ import annotations
 
@@ -122,9 +124,8 @@ def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri
     if "train" not in data or "test" not in data:
         raise ValueError(f"category {category} has no usable train or test features")
     detector = build_detector(detector_name, **params)
-    val_good = data.get("val_good", {}).get("X")
     started = time.perf_counter()
-    detector.fit(data["train"]["X"], val_good)
+    detector.fit(data["train"]["X"])
     row["fit_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     val_parts = [data[s] for s in ("val_good", "val_synthetic") if s in data]
@@ -149,10 +150,10 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
                  metadata) -> FitOutcome:
     detector = build_detector(detector_name, **params)
     train = PatchChunks(features, category, "train")
-    val_good_parts = list(features.iter_patches(category, "val_good"))
     started = time.perf_counter()
-    detector.fit(train, np.concatenate([p["X"] for p in val_good_parts]) if val_good_parts else None)
+    detector.fit(train)
     row["fit_seconds"] = time.perf_counter() - started
+    val_good_parts = list(features.iter_patches(category, "val_good"))
     size = evaluation.pixel_eval_size
     rows, val_scores, val_labels = [], [], []
     started = time.perf_counter()
