@@ -9,7 +9,7 @@ All detectors take the common parameters ``preprocess`` (see
 
 Default ``preprocess`` per detector was chosen on efficientnet_lite0 pooled
 features (1280-d) of the built-in synthetic dataset (3 categories x 4 seeds,
-32 train images each; ``pipelines/study_preprocess.py``): ``pca95`` was never
+32 train images each; ``benchmarks/study_preprocess.py``): ``pca95`` was never
 better than ``none`` for any detector (mean image AUROC -0.01 to -0.04, losing
 in 4-9 of 12 cells); ``standard`` helped ``elliptic`` clearly (0.87 -> 0.97),
 ``lof`` marginally (+0.01, 3 cells better / 1 worse: kept at ``none``) and
