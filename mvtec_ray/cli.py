@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("report", help="write OUT/report.html from a run's outputs")
-    p.add_argument("out", help="a run's output folder")
+    p.add_argument("out", help="a run's output folder (local or s3://)")
+    p.add_argument("--config", help="YAML config (its s3: settings are used)")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--debug", action="store_true")
     return parser
 
@@ -134,7 +136,7 @@ def _preflight(config):
 
 
 def cmd_run(args) -> int:
-    from .storage import is_s3
+    from .storage import Storage
     config = config_from_args(args)
     _require(config, "data", "out")
     _, catalog, weights = _preflight(config)
@@ -144,9 +146,7 @@ def cmd_run(args) -> int:
     outputs = run_pipeline(config, features_uri=args.features, catalog=catalog, weights=weights)
     _print_extraction(outputs.extraction)
     print(format_results_table(outputs.results))
-    if not is_s3(config.out):
-        path = write_report(config.out)
-        print(f"report: {path}")
+    print(f"report: {write_report(config.out, storage=Storage(config.s3))}")
     print(f"outputs: {config.out} (results.md/csv/parquet, scores.parquet, models/, features/)  "
           f"total {time.perf_counter() - started:.1f}s: " +
           ", ".join(f"{k} {v:.1f}s" for k, v in outputs.seconds.items()))
@@ -181,7 +181,7 @@ def cmd_extract(args) -> int:
 
 def cmd_fit(args) -> int:
     from .features import FeatureSet
-    from .storage import Storage, is_s3
+    from .storage import Storage
     config = config_from_args(args)
     _require(config, "out")
     storage = Storage(config.s3)
@@ -193,8 +193,7 @@ def cmd_fit(args) -> int:
     errors = features.error_rows().to_pandas()
     write_outputs(config.out, storage, config, results, scores, errors)
     print(format_results_table(results))
-    if not is_s3(config.out):
-        print(f"report: {write_report(config.out)}")
+    print(f"report: {write_report(config.out, storage=storage)}")
     return 0
 
 
@@ -210,9 +209,15 @@ def cmd_score(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
-    if not os.path.isdir(args.out):
+    from .storage import Storage, is_s3
+    config = config_from_args(args)
+    if not is_s3(args.out) and not os.path.isdir(args.out):
         raise UserError(f"not a run folder: {args.out}")
-    print(f"report: {write_report(args.out)}")
+    try:
+        path = write_report(args.out, storage=Storage(config.s3))
+    except FileNotFoundError:
+        raise UserError(f"not a run folder: {args.out} (no results.parquet)") from None
+    print(f"report: {path}")
     return 0
 
 

@@ -8,7 +8,10 @@ Layout under a features root (local or s3://)::
 
 ``<fingerprint>`` hashes the extraction settings, so a changed config never mixes with old
 shards. Every input row is in exactly one shard, as ``status == "ok"`` with features or as
-``status == "error"`` with a reason and null features.
+``status == "error"`` with a reason and null features. Should a row_id still appear twice (e.g. a
+shard rewritten under another name by an interrupted run), every reader counts it once: the first
+occurrence in shard path order within its category (:meth:`FeatureSet.read` and
+:meth:`FeatureSet.iter_patches` agree on it).
 
 Row schema (one row per image variant):
 
@@ -35,7 +38,7 @@ import hashlib
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -129,6 +132,8 @@ class FeatureSet:
 
     root: str
     storage: Storage
+    #: per shard URI, which of its rows are the first occurrence of their row_id; None = all of them
+    _first_rows: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, features: str, storage: Storage | None = None, require_complete: bool = True) -> "FeatureSet":
@@ -172,14 +177,40 @@ class FeatureSet:
 
     def read(self, category: str | None = None, split: str | None = None,
              columns: list[str] | None = None) -> pa.Table:
-        tables = [self._read_shard(uri, columns) for uri in self.shard_uris(category, split)]
+        """Rows of every shard in the scope, each row_id once (see the module docstring)."""
+        tables = [self._read_unique(uri, columns) for uri in self.shard_uris(category, split)]
         if not tables:
             return pa.table({})
-        table = pa.concat_tables(tables)
-        return _dedupe(table)
+        return pa.concat_tables(tables)
 
     def _read_shard(self, uri: str, columns: list[str] | None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.storage.read_bytes(uri)), columns=columns)
+
+    def _read_unique(self, uri: str, columns: list[str] | None) -> pa.Table:
+        table = self._read_shard(uri, columns)
+        keep = self._first_rows_of(uri)
+        return table if keep is None else table.filter(pa.array(keep))
+
+    def _first_rows_of(self, uri: str) -> np.ndarray | None:
+        """Which rows of the shard at ``uri`` are the first occurrence of their row_id in its category;
+        None when all are. Computed once per category from the row_id column alone."""
+        if uri not in self._first_rows:
+            category = uri.replace("\\", "/").split("/")[-3]  # <category>/<split>/part-*.parquet
+            seen: set[str] = set()
+            for shard in self.shard_uris(category):
+                ids = self._row_ids_of(shard)
+                keep = np.fromiter((i not in seen for i in ids), dtype=bool, count=len(ids))
+                seen.update(ids)
+                self._first_rows[shard] = None if keep.all() else keep
+        return self._first_rows.get(uri)
+
+    def _row_ids_of(self, uri: str) -> list[str]:
+        fs, path = self.storage.resolve(uri)
+
+        def read() -> list[str]:
+            with fs.open_input_file(path) as handle:  # ranged reads: the row_id column only
+                return pq.ParquetFile(handle).read(columns=["row_id"]).column("row_id").to_pylist()
+        return self.storage.retry(f"cannot read {uri}", read)
 
     def row_ids(self) -> set[str]:
         return set(self.read(columns=["row_id"]).column("row_id").to_pylist()) if self.shard_uris() else set()
@@ -195,7 +226,7 @@ class FeatureSet:
         columns = ["row_id", "image_id", "source_uri", "mask_uri", "defect_type", "label", "status", "patches"] + (
             ["mask_png"] if with_masks else [])
         for uri in self.shard_uris(category, split):
-            table = self._read_shard(uri, columns)
+            table = self._read_unique(uri, columns)
             keep = np.asarray(table.column("status").to_pylist()) == "ok"
             if "patches" not in table.column_names or not keep.any():
                 continue
@@ -232,19 +263,6 @@ class PatchChunks:
     def __iter__(self) -> Iterator[np.ndarray]:
         for item in self.features.iter_patches(self.category, self.split):
             yield item["X"]
-
-
-def _dedupe(table: pa.Table) -> pa.Table:
-    if "row_id" not in table.column_names:
-        return table
-    ids = table.column("row_id").to_pylist()
-    if len(set(ids)) == len(ids):
-        return table
-    seen, keep = set(), []
-    for i, row_id in enumerate(ids):
-        keep.append(row_id not in seen)
-        seen.add(row_id)
-    return table.filter(pa.array(keep))
 
 
 def _by_split(table: pa.Table, column: str, dtype) -> dict[str, dict[str, np.ndarray]]:

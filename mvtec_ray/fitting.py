@@ -1,7 +1,9 @@
 """Fit one detector on one category, score validation and test, evaluate (pure; no Ray).
 
 The threshold is chosen on the validation split only (held-out normals + synthetic
-anomalies); test labels are used for metrics and nothing else.
+anomalies); test labels are used for metrics and nothing else. Detectors are fitted on the
+train split alone: the validation images the threshold is chosen on are never seen by a fit
+(the autoencoder early-stops on its own seeded part of the train split).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .model_store import save_model
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
-SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "path", "label", "defect_type",
+SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "input_uri", "label", "defect_type",
                  "score", "threshold", "map_file", "mask_file"]
 
 
@@ -112,7 +114,7 @@ def _finish(row: dict, detector, category: str, val_scores, val_labels, test: di
 
 def _score_rows(category, detector_name, split, part: dict, scores, map_files=None) -> list[dict]:
     return [{"category": category, "detector": detector_name, "split": split, "image_id": part["image_id"][i],
-             "row_id": part["row_id"][i], "path": part["source_uri"][i], "label": int(part["label"][i]),
+             "row_id": part["row_id"][i], "input_uri": part["source_uri"][i], "label": int(part["label"][i]),
              "defect_type": part["defect_type"][i], "score": float(scores[i]),
              "map_file": map_files[i] if map_files else "", "mask_file": part["mask_uri"][i]}
             for i in range(len(scores))]
@@ -122,9 +124,8 @@ def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri
     if "train" not in data or "test" not in data:
         raise ValueError(f"category {category} has no usable train or test features")
     detector = build_detector(detector_name, **params)
-    val_good = data.get("val_good", {}).get("X")
     started = time.perf_counter()
-    detector.fit(data["train"]["X"], val_good)
+    detector.fit(data["train"]["X"])
     row["fit_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     val_parts = [data[s] for s in ("val_good", "val_synthetic") if s in data]
@@ -149,10 +150,10 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
                  metadata) -> FitOutcome:
     detector = build_detector(detector_name, **params)
     train = PatchChunks(features, category, "train")
-    val_good_parts = list(features.iter_patches(category, "val_good"))
     started = time.perf_counter()
-    detector.fit(train, np.concatenate([p["X"] for p in val_good_parts]) if val_good_parts else None)
+    detector.fit(train)
     row["fit_seconds"] = time.perf_counter() - started
+    val_good_parts = list(features.iter_patches(category, "val_good"))
     size = evaluation.pixel_eval_size
     rows, val_scores, val_labels = [], [], []
     started = time.perf_counter()

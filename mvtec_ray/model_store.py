@@ -212,9 +212,12 @@ def load_model(storage: Storage, models_uri: str, category: str, detector_name: 
     if detector.name != detector_name or detector.input_kind != info["input_kind"]:
         raise ModelMismatch(f"model {where} holds a {detector.name!r} ({detector.input_kind}) detector")
     schema = info["schema"]
+    # A patch detector's grid_ is (H, W, channels it keeps): PaDiM-like detectors keep fewer channels than
+    # they are given, so only the spatial grid is compared here; whether the detector accepts the schema's
+    # channels is what the probe checks, generically, by scoring an input of that shape.
     grid = getattr(detector, "grid_", None)
-    if grid is not None and schema.get("patch_shape") and list(grid) != list(schema["patch_shape"]):
-        raise ModelMismatch(f"model {where} was fitted on patch grid {list(grid)}, but its model.json says "
+    if grid is not None and schema.get("patch_shape") and list(grid)[:2] != list(schema["patch_shape"])[:2]:
+        raise ModelMismatch(f"model {where} was fitted on patch grid {list(grid)[:2]}, but its model.json says "
                             f"patch_shape={schema['patch_shape']}")
     if probe:
         _probe(detector, schema, where)

@@ -3,7 +3,8 @@
 ``write_report(OUT)`` reads ``OUT/results.parquet``, ``OUT/scores.parquet`` and
 ``OUT/config.yaml`` and writes ``OUT/report.html`` (every figure embedded as a
 base64 PNG, no external CSS/JS/fonts, so it opens offline) plus the same
-figures as ``OUT/figures/*.png``.
+figures as ``OUT/figures/*.png``. ``OUT`` is a local folder or an ``s3://`` prefix
+(read and written through :class:`~mvtec_ray.storage.Storage`).
 
 ``format_results_table`` / ``results_markdown`` render the results for a
 terminal or a GitHub comment.
@@ -26,6 +27,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .errors import StorageError, StorageUnavailable
+from .storage import Storage, is_s3, join, safe_join
 
 __all__ = ["write_report", "format_results_table", "results_markdown"]
 
@@ -178,9 +182,8 @@ def results_markdown(results: pd.DataFrame) -> str:
 class _Figures:
     """Saves each figure to ``OUT/figures`` and keeps its base64 for the page."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run: "_RunFolder") -> None:
+        self.run = run
         self.used: set[str] = set()
         self.count = 0
 
@@ -200,7 +203,7 @@ class _Figures:
         fig.savefig(buf, format="png", dpi=DPI)
         data = buf.getvalue()
         name = self._name(stem)
-        (self.directory / name).write_bytes(data)
+        self.run.write(f"figures/{name}", data)
         self.count += 1
         return name, "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
@@ -332,15 +335,62 @@ def _roc_figure(categories: list[str], detectors: list[str], test: pd.DataFrame,
     return fig
 
 
-def _load_rgb(path: str) -> np.ndarray | None:
-    if not path:
-        return None
-    p = Path(path)
-    try:
-        if not p.is_file():  # e.g. "bucket/key" of S3 data
+class _RunFolder:
+    """A run's output folder, local or ``s3://``; source images and masks are read from local paths, or
+    from S3 with the run's credentials when the run itself is on S3."""
+
+    def __init__(self, uri, storage: Storage | None = None) -> None:
+        self.uri = str(uri)
+        self.storage = storage or Storage()
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def read(self, relative: str) -> bytes | None:
+        """A file of the run, or None when missing, unreadable or outside the run folder."""
+        try:
+            target = safe_join(self.uri, relative)
+        except StorageError:
             return None
+        if not is_s3(target):
+            path = Path(target).resolve()  # symlinks too: nothing outside the folder is read
+            if not path.is_relative_to(Path(self.uri).resolve()) or not path.is_file():
+                return None
+        try:
+            return self.storage.read_bytes(target)
+        except StorageUnavailable:
+            raise
+        except (FileNotFoundError, StorageError):
+            return None
+
+    def write(self, relative: str, data: bytes) -> str:
+        target = join(self.uri, relative)
+        self.storage.write_bytes(target, data)
+        return target
+
+    def source(self, uri: str) -> bytes | None:
+        """Bytes of an image or mask the run read, or None where it cannot be read from here."""
+        if not uri:
+            return None
+        if is_s3(uri) and not is_s3(self.uri):
+            return None  # a local report of S3 data: no credentials assumed
+        if not is_s3(uri) and not Path(uri).is_file():
+            return None  # e.g. "bucket/key", or a path of another machine
+        try:
+            return self.storage.read_bytes(uri)
+        except StorageUnavailable:
+            raise
+        except (FileNotFoundError, StorageError):
+            return None
+
+
+def _load_rgb(data: bytes | None) -> np.ndarray | None:
+    if not data:
+        return None
+    try:
         from PIL import Image
-        with Image.open(p) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (THUMB, THUMB))  # JPEG: decode at reduced size
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
@@ -349,15 +399,12 @@ def _load_rgb(path: str) -> np.ndarray | None:
         return None
 
 
-def _load_mask(path: str, shape: tuple[int, int] | None) -> np.ndarray | None:
-    if not path:
+def _load_mask(data: bytes | None, shape: tuple[int, int] | None) -> np.ndarray | None:
+    if not data:
         return None
-    p = Path(path)
     try:
-        if not p.is_file():
-            return None
         from PIL import Image
-        with Image.open(p) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im = im.convert("L")
             if shape:  # match the displayed image so the two line up
                 im = im.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
@@ -368,14 +415,14 @@ def _load_mask(path: str, shape: tuple[int, int] | None) -> np.ndarray | None:
         return None
 
 
-def _load_map(out_dir: Path, rel: str) -> np.ndarray | None:
+def _load_map(run: _RunFolder, rel: str) -> np.ndarray | None:
     if not rel:
         return None
-    p = (out_dir / rel).resolve()
     try:
-        if not p.is_relative_to(out_dir.resolve()) or not p.is_file():
+        data = run.read(rel)  # safe_join: a map_file never points outside the run folder
+        if data is None:
             return None
-        m = np.load(p, allow_pickle=False)
+        m = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError):
         return None
     m = np.squeeze(np.asarray(m, dtype=np.float32))
@@ -437,7 +484,7 @@ def _fit_tile(arr: np.ndarray) -> np.ndarray:
     return tile
 
 
-def _examples_figure(cat: str, det: str, picked: pd.DataFrame, out_dir: Path, thr: float) -> Figure:
+def _examples_figure(cat: str, det: str, picked: pd.DataFrame, run: _RunFolder, thr: float) -> Figure:
     """Rows of image / mask / map-overlay tiles, composed in numpy and drawn in ONE axes:
     a dozen small axes per category would cost more than everything else in the report."""
     from matplotlib import colormaps
@@ -451,7 +498,7 @@ def _examples_figure(cat: str, det: str, picked: pd.DataFrame, out_dir: Path, th
     canvas = np.full((height, width, 3), 255, np.uint8)
     texts: list[tuple[float, float, str, dict[str, Any]]] = []
 
-    maps = [_load_map(out_dir, _str_or_empty(r.get("map_file"))) if has_maps else None
+    maps = [_load_map(run, _str_or_empty(r.get("map_file"))) if has_maps else None
             for _, r in picked.iterrows()]
     # one colour range for all maps of the figure so overlays compare across rows
     vals = np.concatenate([m[np.isfinite(m)].ravel() for m in maps if m is not None] or [np.zeros(0)])
@@ -476,8 +523,8 @@ def _examples_figure(cat: str, det: str, picked: pd.DataFrame, out_dir: Path, th
         texts.append((pad + col * (THUMB + pad) + THUMB / 2, head - 6, title,
                       dict(ha="center", va="bottom", fontsize=8, weight="bold")))
     for i, ((_, r), m) in enumerate(zip(picked.iterrows(), maps)):
-        path = _str_or_empty(r.get("path"))
-        img = _load_rgb(path)
+        path = _str_or_empty(r.get("input_uri"))
+        img = _load_rgb(run.source(path))
         label = int(r["label"])
         truth = "defect" if label == 1 else "good"
         dtype = _str_or_empty(r.get("defect_type")) or truth
@@ -489,7 +536,7 @@ def _examples_figure(cat: str, det: str, picked: pd.DataFrame, out_dir: Path, th
         place(i, 0, _fit_tile(img) if img is not None else None,
               "image not readable here\n" + _short(path, 30))
         shape = img.shape[:2] if img is not None else (m.shape if m is not None else None)
-        mask = _load_mask(_str_or_empty(r.get("mask_file")), shape)
+        mask = _load_mask(run.source(_str_or_empty(r.get("mask_file"))), shape)
         place(i, 1, _fit_tile(np.repeat((mask[..., None] * 255).astype(np.uint8), 3, axis=2))
               if mask is not None else None, "no mask" if label == 0 else "mask not readable")
         if has_maps:
@@ -617,10 +664,10 @@ def _unique_text(results: pd.DataFrame, col: str) -> list[str]:
     return sorted({v for v in vals if v}) or sorted({_str_or_empty(v) for v in results[col]} - {""})
 
 
-def _header_html(out_dir: Path, results: pd.DataFrame, scores: pd.DataFrame,
+def _header_html(run_name: str, results: pd.DataFrame, scores: pd.DataFrame,
                  categories: list[str], detectors: list[str]) -> str:
     weights = _unique_text(results, "weights")
-    parts = [f"<h1>Anomaly detection report: {_esc(out_dir.name)}</h1>"]
+    parts = [f"<h1>Anomaly detection report: {_esc(run_name)}</h1>"]
     if any("random" in w.lower() for w in weights):
         parts.append('<div class="banner" id="random-weights">⚠ WARNING: backbone weights are RANDOM '
                      "(not pretrained). These numbers do not measure the method; do not compare "
@@ -657,7 +704,7 @@ def _img_html(uri: str, name: str, alt: str) -> str:
 
 
 def _example_scores_html(cat: str, picked: pd.DataFrame, test: pd.DataFrame, detectors: list[str],
-                         thresholds: dict[str, float]) -> str:
+                         thresholds: dict[str, float], run: _RunFolder) -> str:
     if picked.empty:
         return ""
     sub = test[test["image_id"].isin(picked["image_id"])]
@@ -677,8 +724,8 @@ def _example_scores_html(cat: str, picked: pd.DataFrame, test: pd.DataFrame, det
             cls = "hit" if flagged == (label == 1) else "miss"
             cells.append(f'<td class="num {cls}" title="{"flagged" if flagged else "passed"}">{_fmt(s)}</td>')
         truth = "defect" if label == 1 else "good"
-        path = _str_or_empty(r.get("path"))
-        note = "" if path and Path(path).is_file() else ' <small class="err">(not readable here)</small>'
+        path = _str_or_empty(r.get("input_uri"))
+        note = "" if run.source(path) is not None else ' <small class="err">(not readable here)</small>'
         rows.append(f"<tr><td>{n}</td><td>{_esc(r['image_id'])}</td><td>{truth}</td>"
                     f"<td>{_esc(_str_or_empty(r.get('defect_type')))}</td>"
                     f"<td title=\"{_esc(path)}\">{_esc(_short(path, 48))}{note}</td>{''.join(cells)}</tr>")
@@ -688,26 +735,29 @@ def _example_scores_html(cat: str, picked: pd.DataFrame, test: pd.DataFrame, det
             "(false alarm or missed defect).</small></p>")
 
 
-def _read_parquet(path: Path, columns: Iterable[str]) -> pd.DataFrame:
-    if path.is_file():
-        return pd.read_parquet(path)
+def _read_parquet(run: _RunFolder, name: str, columns: Iterable[str]) -> pd.DataFrame:
+    data = run.read(name)
+    if data is not None:
+        return pd.read_parquet(io.BytesIO(data))
     return pd.DataFrame(columns=list(columns))
 
 
-_SCORE_COLS = ["category", "detector", "split", "image_id", "path", "label", "defect_type", "score",
+_SCORE_COLS = ["category", "detector", "split", "image_id", "input_uri", "label", "defect_type", "score",
                "threshold", "map_file", "mask_file"]
 
 
-def write_report(out_dir, max_examples: int = 4) -> Path:
-    """Write ``OUT/report.html`` and ``OUT/figures/*.png``; returns the HTML path."""
-    out_dir = Path(out_dir)
-    results_path = out_dir / "results.parquet"
-    if not results_path.is_file():
-        raise FileNotFoundError(f"{results_path} not found: is {out_dir} a run output folder?")
-    results = pd.read_parquet(results_path)
+def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None) -> Path | str:
+    """Write ``OUT/report.html`` and ``OUT/figures/*.png``; returns the HTML path (a URI for S3)."""
+    run = _RunFolder(out_dir, storage)
+    results_bytes = run.read("results.parquet")
+    if results_bytes is None:
+        raise FileNotFoundError(f"{join(run.uri, 'results.parquet')} not found: is {run.uri} a run output folder?")
+    results = pd.read_parquet(io.BytesIO(results_bytes))
     results["category"] = results["category"].astype(str)
     results["detector"] = results["detector"].astype(str)
-    scores = _read_parquet(out_dir / "scores.parquet", _SCORE_COLS)
+    scores = _read_parquet(run, "scores.parquet", _SCORE_COLS)
+    if "input_uri" not in scores and "path" in scores:  # runs written before the column was renamed
+        scores = scores.rename(columns={"path": "input_uri"})
     for col in _SCORE_COLS:
         if col not in scores:
             scores[col] = None
@@ -721,11 +771,11 @@ def write_report(out_dir, max_examples: int = 4) -> Path:
     categories = _categories(results, scores)
     detectors = _detectors(results, scores)
     res_idx = {(r["category"], r["detector"]): r for _, r in results.iterrows()}
-    figs = _Figures(out_dir / "figures")
+    figs = _Figures(run)
     test_by_cat = {c: g for c, g in test.groupby("category", sort=False)}
     empty = test.iloc[:0]
 
-    body = [_header_html(out_dir, results, scores, categories, detectors)]
+    body = [_header_html(run.name, results, scores, categories, detectors)]
     body.append("<nav><b>Contents:</b> <a href=\"#results\">results</a> <a href=\"#roc\">ROC</a> "
                 + " ".join(f'<a href="#cat-{i}">{_esc(c)}</a>' for i, c in enumerate(categories)) + "</nav>")
 
@@ -761,20 +811,19 @@ def write_report(out_dir, max_examples: int = 4) -> Path:
         thresholds = {d: _pair_threshold(res_idx.get((cat, d)), g) for d, g in ct.groupby("detector")}
         body.append(f"<h3>Examples: most anomalous defects and highest-scoring good images "
                     f"(ranked by {_esc(ref)})</h3>")
-        name, uri = figs.save(_examples_figure(cat, ref, picked, out_dir, thresholds.get(ref, math.nan)),
+        name, uri = figs.save(_examples_figure(cat, ref, picked, run, thresholds.get(ref, math.nan)),
                               f"{cat}_examples")
         body.append(_img_html(uri, name, f"{cat} example images"))
-        body.append(_example_scores_html(cat, picked, ct, detectors, thresholds))
+        body.append(_example_scores_html(cat, picked, ct, detectors, thresholds, run))
 
-    cfg = out_dir / "config.yaml"
-    cfg_text = cfg.read_text(errors="replace") if cfg.is_file() else "(config.yaml not found)"
+    cfg = run.read("config.yaml")
+    cfg_text = cfg.decode(errors="replace") if cfg is not None else "(config.yaml not found)"
     body.append('<h2 id="config">Configuration</h2>')
     body.append(f"<details><summary>config.yaml</summary><pre>{_esc(cfg_text)}</pre></details>")
 
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-            f"<title>Report: {_esc(out_dir.name)}</title><style>{_CSS}</style></head><body>"
+            f"<title>Report: {_esc(run.name)}</title><style>{_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
-    html_path = out_dir / "report.html"
-    html_path.write_text(page, encoding="utf-8")
-    return html_path
+    target = run.write("report.html", page.encode("utf-8"))
+    return target if is_s3(target) else Path(target)

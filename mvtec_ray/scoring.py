@@ -59,6 +59,8 @@ class ScoringSummary:
     scored_images: int = 0
     score_rows: int = 0
     errors: int = 0
+    #: listed files of model categories left out by ``categories`` (neither scored nor errors)
+    not_selected: int = 0
     seconds: float = 0.0
     #: new images scored per category
     by_category: dict = field(default_factory=dict)
@@ -67,7 +69,9 @@ class ScoringSummary:
         cats = ", ".join(f"{c}: {n}" for c, n in sorted(self.by_category.items()))
         return (f"scored {self.scored_images} new images ({self.score_rows} rows) into {self.out}/scores; "
                 f"{self.errors} errors into {self.out}/errors; {self.already_scored} of {self.listed} listed "
-                f"were already scored; {self.seconds:.1f}s" + (f" [{cats}]" if cats else ""))
+                f"were already scored; " + (f"{self.not_selected} of other categories left out; "
+                                             if self.not_selected else "") +
+                f"{self.seconds:.1f}s" + (f" [{cats}]" if cats else ""))
 
 
 def input_key(uri: str, version: str) -> str:
@@ -339,7 +343,10 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
                 rescore: bool = False, detectors: list[str] | None = None) -> ScoringSummary:
     """Score every image under ``images_uri`` not scored before (by uri and size-mtime version).
 
-    ``category`` applies to every image; without it the category comes from each path. ``rescore``
+    ``category`` applies to every image; without it the category comes from each path.
+    ``config.categories`` (``--categories``) keeps only those categories' models, and leaves the
+    files of other model categories out of the job (counted in the summary, not recorded as errors,
+    so a later job for those categories still scores them). ``rescore``
     scores everything again; an image then has rows from several runs: the latest ``scored_at`` wins.
     Models are checked before any work (:func:`check_models`, then :func:`load_model` with the
     features' actual shapes and a probe) and refused with :class:`ModelMismatch`.
@@ -362,6 +369,15 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     categories = sorted({c for c, _ in pairs})
     if category and category not in categories:
         raise UserError(f"no model for category {category!r}; models exist for {', '.join(categories)}")
+    selected = categories
+    if config.categories:
+        unknown = sorted(set(config.categories) - set(categories))
+        if unknown:
+            raise UserError(f"no model for categories {unknown}; models exist for {', '.join(categories)}")
+        if category and category not in config.categories:
+            raise UserError(f"--category {category!r} is not among --categories {', '.join(config.categories)}")
+        selected = sorted(config.categories)
+        pairs = [(c, d) for c, d in pairs if c in selected]
     shared = check_models(storage, models_uri, pairs, config)
     schema = shared["schema"]
     if "weights" in config.extract.model_fields_set:
@@ -389,8 +405,13 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     done = np.zeros(0, np.uint64) if rescore else scored_index(storage, out_uri)
     connect(config.ray)
     blocks = []
+    others = set(categories) - set(selected)
     for chunk in iter_listing(storage, images_uri, categories, category):
         summary.listed += len(chunk)
+        if others:
+            left_out = chunk["category"].isin(others).to_numpy()
+            summary.not_selected += int(left_out.sum())
+            chunk = chunk[~left_out].reset_index(drop=True)
         if len(done):
             fresh = ~np.isin(key_hashes(chunk["uri"], chunk["version"]), done)
             summary.already_scored += int((~fresh).sum())

@@ -89,12 +89,12 @@ def make_fake_run(out: Path, *, weights: str = "imagenet", categories=CATEGORIES
                     np.save(out / rel, amap)
                     map_file = rel.as_posix()
                 scores.append({"category": cat, "detector": det, "split": "test", "image_id": image_id,
-                               "path": p, "label": label, "defect_type": dtype, "score": float(score),
+                               "input_uri": p, "label": label, "defect_type": dtype, "score": float(score),
                                "threshold": thr, "map_file": map_file if map_file else ("" if di % 2 else None),
                                "mask_file": mask_file})
             for j in range(3):  # validation rows must not leak into the test figures
                 scores.append({"category": cat, "detector": det, "split": "val_good", "image_id": f"v{j}",
-                               "path": "", "label": 0, "defect_type": "good", "score": 100.0,
+                               "input_uri": "", "label": 0, "defect_type": "good", "score": 100.0,
                                "threshold": thr, "map_file": "", "mask_file": ""})
     res = pd.DataFrame(results)
     metric_cols = ["image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "threshold",

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,15 +19,15 @@ from mvtec_ray.config import load_config
 from mvtec_ray.errors import UserError
 from mvtec_ray.features import SUCCESS, FeatureSet
 from mvtec_ray.storage import Storage
+from tests.helpers import raw_shard_rows
 
 OVERRIDES = {"extract.backbone": "efficientnet_lite0", "extract.image_size": 64, "extract.batch_size": 2,
              "extract.augment_copies": 2}
 
 
 def _raw_rows(features_dir: Path) -> pd.DataFrame:
-    """Every row of every shard, without the de-duplication FeatureSet.read does."""
-    return pd.concat([pq.read_table(p, columns=["row_id", "status"]).to_pandas()
-                      for p in sorted(features_dir.rglob("part-*.parquet"))], ignore_index=True)
+    """Every row of every shard, without the de-duplication FeatureSet's readers do."""
+    return raw_shard_rows(features_dir)
 
 
 def _descendants(pid: int) -> set[int]:

@@ -49,7 +49,8 @@ class Detector(ABC):
 
     @abstractmethod
     def fit(self, X: np.ndarray, X_val: np.ndarray | None = None) -> "Detector":
-        """Fit on normal features. ``X_val`` (held-out normals) may be used for early stopping."""
+        """Fit on normal features. ``X_val`` (held-out normals) may be used for early stopping; the fit
+        stage passes none, since its validation images choose the threshold."""
 
     @abstractmethod
     def score(self, X: np.ndarray) -> np.ndarray:

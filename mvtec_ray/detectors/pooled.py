@@ -9,7 +9,7 @@ All detectors take the common parameters ``preprocess`` (see
 
 Default ``preprocess`` per detector was chosen on efficientnet_lite0 pooled
 features (1280-d) of the built-in synthetic dataset (3 categories x 4 seeds,
-32 train images each; ``pipelines/study_preprocess.py``): ``pca95`` was never
+32 train images each; ``benchmarks/study_preprocess.py``): ``pca95`` was never
 better than ``none`` for any detector (mean image AUROC -0.01 to -0.04, losing
 in 4-9 of 12 cells); ``standard`` helped ``elliptic`` clearly (0.87 -> 0.97),
 ``lof`` marginally (+0.01, 3 cells better / 1 worse: kept at ``none``) and
@@ -455,12 +455,16 @@ class AutoencoderDetector(PooledDetector):
 
         p = self.params
         seed = int(p["seed"])
+        monitor = "val"
         if Z_val is None:
-            # seeded hold-out of the training normals for early stopping
+            # seeded hold-out of the training normals for early stopping (the fit stage passes no
+            # X_val: its validation images choose the threshold and must stay unseen)
+            monitor = "train"
             n_val = int(round(float(p["val_fraction"]) * len(Z)))
             if n_val >= 1 and len(Z) - n_val >= 1:
                 perm = np.random.default_rng(seed).permutation(len(Z))
                 Z_val, Z = Z[perm[:n_val]], Z[perm[n_val:]]
+                monitor = f"train_holdout_{n_val}"
         self._scaler = Preprocessor("standard").fit(Z)
         train = torch.from_numpy(self._scaler.transform(Z))
         val = None if Z_val is None else torch.from_numpy(self._scaler.transform(Z_val))
@@ -494,8 +498,7 @@ class AutoencoderDetector(PooledDetector):
             model.load_state_dict(best_state)
         model.eval()
         self.model_ = model
-        self.fit_info_ = {"epochs": epoch, "best_loss": best,
-                          "monitor": "train" if val is None else "val"}
+        self.fit_info_ = {"epochs": epoch, "best_loss": best, "monitor": monitor}
 
     @staticmethod
     def _loss(model, data) -> float:
