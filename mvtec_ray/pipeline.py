@@ -34,10 +34,6 @@ def connect(config: RayConfig) -> None:
     if ray.is_initialized():
         return
     quiet = not log.isEnabledFor(logging.DEBUG)
-    if quiet:
-        # the core worker's C++ notices (e.g. Ray Data's actor-restart caveat) are nothing a user can act
-        # on; --debug keeps them
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     from ray.data import DataContext
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
