@@ -35,9 +35,14 @@ class Measured:
     figures: dict = field(default_factory=dict)
     #: (process title, PSS MB) of every process at the moment of the peak, largest first
     peak_breakdown: list = field(default_factory=list)
+    #: process title -> CPU seconds (all processes of that title together), largest first
+    cpu_by_title: dict = field(default_factory=dict)
 
     def describe_peak(self, top: int = 8) -> str:
         return ", ".join(f"{name} {mb:.0f}" for name, mb in self.peak_breakdown[:top])
+
+    def describe_cpu(self, top: int = 10) -> str:
+        return ", ".join(f"{name} {sec:.1f}" for name, sec in list(self.cpu_by_title.items())[:top])
 
 
 def emit(**figures: float | int | str) -> None:
@@ -105,7 +110,7 @@ def run_cold(argv: list[str], env: dict | None = None, poll_s: float = 0.5, time
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     root = psutil.Process(proc.pid)
-    peak_pss, peak_n, cpu_seen, breakdown = 0.0, 0, {}, []
+    peak_pss, peak_n, cpu_seen, breakdown, titles = 0.0, 0, {}, [], {}
     while proc.poll() is None:
         if time.perf_counter() - started > timeout_s:
             for p in process_tree(root)[::-1]:
@@ -117,15 +122,20 @@ def run_cold(argv: list[str], env: dict | None = None, poll_s: float = 0.5, time
             peak_pss = sum(mb for _, mb in sizes)
             breakdown = sorted(sizes, key=lambda item: -item[1])
         peak_n = max(peak_n, len(members))
-        for p in members:
+        for (title, _), p in zip(sizes, members):
             cpu_seen[p.pid] = max(cpu_seen.get(p.pid, 0.0), _cpu_s(p))
+            titles[p.pid] = titles.get(p.pid) if titles.get(p.pid, "?") not in ("?", "ray::IDLE") else title
         time.sleep(poll_s)
     proc.wait()
     reader.join(timeout=10)
     wall = time.perf_counter() - started
     output = "".join(lines)
+    by_title: dict[str, float] = {}
+    for pid, seconds in cpu_seen.items():
+        by_title[titles.get(pid, "?")] = by_title.get(titles.get(pid, "?"), 0.0) + seconds
+    by_title = dict(sorted(by_title.items(), key=lambda item: -item[1]))
     return Measured(wall, sum(cpu_seen.values()), peak_pss, peak_n, proc.returncode, output, parse_figures(output),
-                    breakdown)
+                    breakdown, by_title)
 
 
 def _title(process: psutil.Process) -> str:

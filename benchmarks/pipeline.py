@@ -102,7 +102,8 @@ def main() -> None:
                                                      os.path.join(scratch, side), *common)), side)
             m = sides[side]
             print(f"[{side}] wall {m.wall_s:.1f}s, CPU {m.cpu_s:.1f}s, peak PSS {m.peak_pss_mb:.0f} MB over "
-                  f"up to {m.peak_processes} processes (MB at the peak: {m.describe_peak()})")
+                  f"up to {m.peak_processes} processes (MB at the peak: {m.describe_peak()}; CPU-s by process: "
+                  f"{m.describe_cpu()})")
         print(f"load average after: {load_average()}")
         emit(bare_wall_s=sides["bare"].wall_s, run_wall_s=sides["ray"].wall_s,
              bare_pss_mb=sides["bare"].peak_pss_mb, run_pss_mb=sides["ray"].peak_pss_mb,
