@@ -20,6 +20,8 @@ def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True
             detectors: bool = True) -> None:
     if data:
         parser.add_argument("--data", help="dataset root in the MVTec AD layout: a local folder or s3://bucket/prefix")
+        parser.add_argument("--manifest", help="instead of --data: a CSV or Parquet table of images (local or s3://) "
+                                               "with columns path, category, split, label[, defect_type, mask_path]")
     if out:
         parser.add_argument("--out", help="output folder (local or s3://)")
     parser.add_argument("--config", help="YAML config; command-line flags override it")
@@ -37,6 +39,10 @@ def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True
         parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="extractor device (default auto)")
     if detectors:
         parser.add_argument("--detectors", help="comma-separated detector names (default: all)")
+        parser.add_argument("--search", action="store_true", default=None,
+                            help="tune each detector's hyper-parameters on the validation split (config 'search:')")
+        parser.add_argument("--threshold-rule", help="f1 (default: F1-max on validation) or fpr:<rate>, e.g. fpr:0.01 "
+                                                     "(flags at most that fraction of held-out normal images)")
     parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
@@ -91,7 +97,8 @@ def config_from_args(args: argparse.Namespace):
         "extract.backbone": get("backbone"), "extract.weights": get("weights"),
         "extract.image_size": get("image_size"), "extract.batch_size": get("batch_size"),
         "extract.augment_copies": get("augment_copies"), "extract.device": get("device"),
-        "detectors.names": _split(get("detectors")),
+        "detectors.names": _split(get("detectors")), "manifest": get("manifest"),
+        "search.enabled": get("search"), "evaluation.threshold_rule": get("threshold_rule"),
     }
     config = load_config(get("config"), overrides)
     if get("s3_endpoint"):
@@ -100,9 +107,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _require(config, *fields: str) -> None:
+    if "data" in fields and config.manifest:
+        fields = tuple(f for f in fields if f != "data")
     for name in fields:
         if not getattr(config, name):
-            raise UserError(f"--{name} is required (or set '{name}:' in the config)")
+            also = " (or --manifest)" if name == "data" else ""
+            raise UserError(f"--{name}{also} is required (or set '{name}:' in the config)")
 
 
 def cmd_sample_data(args) -> int:
@@ -124,10 +134,10 @@ def cmd_sample_data(args) -> int:
 
 def _preflight(config):
     """Everything a person can get wrong, checked before the heavy imports and before Ray starts."""
-    from .catalog import build_catalog
+    from .manifest import dataset_catalog
     from .storage import Storage
     storage = Storage(config.s3)
-    catalog = build_catalog(config.data, storage, config.categories)
+    catalog = dataset_catalog(config.data, config.manifest, storage, config.categories)
     from .backbones import resolve_weights  # torch: only once the data is known to be there
     weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
     return storage, catalog, weights

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .backbones import RANDOM_WEIGHTS_ID, ResolvedWeights, resolve_weights
-from .catalog import Catalog, build_catalog
+from .catalog import Catalog
 from .config import RayConfig, RunConfig
 from .detectors import detector_class
 from .evaluation import summarise
 from .extract import ExtractionResult, run_extraction
 from .features import FeatureSet
+from .manifest import dataset_catalog
 from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task
 from .model_store import write_manifest
 from .storage import Storage, join
@@ -153,7 +154,7 @@ def run_pipeline(config: RunConfig, features_uri: str | None = None, catalog: Ca
     storage = Storage(config.s3)
     timings = {}
     started = time.perf_counter()
-    catalog = catalog or build_catalog(config.data, storage, config.categories)
+    catalog = catalog or dataset_catalog(config.data, config.manifest, storage, config.categories)
     for warning in catalog.warnings[:20]:
         log.warning(warning)
     # fail before any work
