@@ -149,11 +149,13 @@ def cmd_run(args) -> int:
     _require(config, "data", "out")
     _, catalog, weights = _preflight(config)
     from .pipeline import run_pipeline
-    from .report import format_results_table, write_report
+    from .report import format_results_table, format_tuning_table, write_report
     started = time.perf_counter()
     outputs = run_pipeline(config, features_uri=args.features, catalog=catalog, weights=weights)
     _print_extraction(outputs.extraction)
     print(format_results_table(outputs.results))
+    if config.search.enabled:
+        print(format_tuning_table(outputs.results))
     if not is_s3(config.out):
         path = write_report(config.out)
         print(f"report: {path}")
@@ -197,12 +199,14 @@ def cmd_fit(args) -> int:
     storage = Storage(config.s3)
     features = FeatureSet.open(args.features, storage)
     from .pipeline import connect, run_fit, write_outputs
-    from .report import format_results_table, write_report
+    from .report import format_results_table, format_tuning_table, write_report
     connect(config.ray)
     results, scores = run_fit(features, config.out, config, storage)
     errors = features.error_rows().to_pandas()
     write_outputs(config.out, storage, config, results, scores, errors)
     print(format_results_table(results))
+    if config.search.enabled:
+        print(format_tuning_table(results))
     if not is_s3(config.out):
         print(f"report: {write_report(config.out)}")
     return 0

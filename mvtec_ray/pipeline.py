@@ -83,14 +83,18 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
     pooled_refs = {}
     if any(detector_class(name).input_kind == "pooled" for name in config.detectors.names):
         pooled_refs = {category: load_pooled.remote(features, category) for category in categories}
+    chosen, defaults = {}, {}
+    if config.search.enabled:
+        chosen, defaults = _search(config, categories, pooled_refs, threads, out_uri, storage, features, metadata)
     # Longest fits first: the run then ends on short tasks instead of one CPU waiting on a long one.
     order = sorted(((c, n) for c in categories for n in config.detectors.names),
                    key=lambda cell: -_FIT_COST.get(cell[1], 1))
     pending = {}
     for category, name in order:
         pooled = detector_class(name).input_kind == "pooled"
+        params = chosen.get((category, name), config.detectors.params.get(name, {}))
         ref = fit_remote.options(**_fit_task_options(config, name)).remote(
-            features, category, name, config.detectors.params.get(name, {}), config.evaluation, out_uri, storage,
+            features, category, name, params, config.evaluation, out_uri, storage,
             threads, pooled_refs[category] if pooled else None, metadata)
         pending[ref] = (category, name)
     log.info("fitting %d (category, detector) tasks", len(pending))
@@ -108,12 +112,43 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
         log.debug("fitted %s/%s: %s", category, name, outcome.row.get("status"))
         outcomes.append(outcome)
     rows = pd.DataFrame([o.row for o in outcomes])
+    if config.search.enabled:
+        from .search import default_beside_tuned
+        rows = default_beside_tuned(rows, {cell: _row_or_error(ref) for cell, ref in defaults.items()})
     results = summarise(rows)
     scores = pd.concat([o.scores for o in outcomes if len(o.scores)], ignore_index=True) if outcomes else \
         pd.DataFrame(columns=SCORE_COLUMNS)
     write_manifest(storage, join(out_uri, "models"), [
         {"category": o.row["category"], "detector": o.row["detector"], "status": o.row["status"]} for o in outcomes])
     return results, scores
+
+
+def _search(config: RunConfig, categories, pooled_refs, threads: int, out_uri: str, storage: Storage,
+            features: FeatureSet, metadata: dict):
+    """Choose each pooled detector's setting on validation (writes OUT/search.parquet); where the
+    choice is not the default, also fit the default (no models saved) for the report's comparison."""
+    import ray
+    from .search import run_search
+    table, chosen = run_search(config.search, categories, config.detectors.names, config.detectors.params,
+                               pooled_refs, config.detectors.cpus_per_task, threads)
+    storage.write_bytes(join(out_uri, "search.parquet"), _parquet_bytes(table))
+    fit_remote = ray.remote(fit_task)
+    defaults = {}
+    for (category, name), params in chosen.items():
+        base = config.detectors.params.get(name, {})
+        if params != base:
+            defaults[(category, name)] = fit_remote.options(**_fit_task_options(config, name)).remote(
+                features, category, name, base, config.evaluation, None, storage, threads, pooled_refs[category],
+                metadata)
+    return chosen, defaults
+
+
+def _row_or_error(ref) -> dict:
+    import ray
+    try:
+        return ray.get(ref).row
+    except Exception as exc:  # noqa: BLE001 - a lost worker leaves the comparison empty, not the run failed
+        return {"status": "error", "error": f"{type(exc).__name__}"}
 
 
 @dataclass
