@@ -128,24 +128,77 @@ def test_cli_prints_the_row_and_exits_2(tmp_path, capsys):
     assert err == "mvtec-ray extract: error: m.csv line 3: unknown split 'validation' (expected train or test)"
 
 
-def test_manifest_run_gives_the_folder_table(one_category, tmp_path, ray_session):
+COMMON = {"extract.backbone": "efficientnet_lite0", "extract.patch_maps": "none", "extract.holdout_fraction": 0.4,
+          "detectors.names": ["knn", "mahalanobis", "lof"]}
+
+
+@pytest.fixture(scope="module")
+def folder_run(one_category, tmp_path_factory, ray_session):
+    from mvtec_ray.config import load_config
+    from mvtec_ray.pipeline import run_pipeline
+    out = tmp_path_factory.mktemp("folder_run")
+    return run_pipeline(load_config(None, {"data": str(one_category), "out": str(out), **COMMON}))
+
+
+def test_manifest_run_gives_the_folder_table(one_category, folder_run, tmp_path):
     from mvtec_ray.config import load_config
     from mvtec_ray.pipeline import run_pipeline
     table = flattened_copy(one_category, tmp_path / "flat")
     table.to_csv(tmp_path / "flat" / "images.csv", index=False)
-    common = {"extract.backbone": "efficientnet_lite0", "extract.patch_maps": "none",
-              "detectors.names": ["knn", "mahalanobis", "lof"]}
-    by_folder = run_pipeline(load_config(None, {"data": str(one_category), "out": str(tmp_path / "a"), **common}))
     by_manifest = run_pipeline(load_config(None, {"manifest": str(tmp_path / "flat" / "images.csv"),
-                                                  "out": str(tmp_path / "b"), **common}))
+                                                  "out": str(tmp_path / "b"), **COMMON}))
     metrics = ["category", "detector", "status", "image_auroc", "image_f1", "image_f1_max", "threshold",
                "n_train", "n_val_good", "n_val_synthetic", "n_test_good", "n_test_defect"]
     a, b = (o.results[metrics].sort_values(["category", "detector"], ignore_index=True)
-            for o in (by_folder, by_manifest))
+            for o in (folder_run, by_manifest))
     assert (a["status"] == "ok").all() and len(a) == 6
     pd.testing.assert_frame_equal(a, b, rtol=1e-5)
     keys = ["detector", "split", "image_id"]
-    sa, sb = (o.scores.sort_values(keys, ignore_index=True) for o in (by_folder, by_manifest))
+    sa, sb = (o.scores.sort_values(keys, ignore_index=True) for o in (folder_run, by_manifest))
     assert list(sa["image_id"]) == list(sb["image_id"]) and len(sa) > 0
     np.testing.assert_allclose(sa["score"], sb["score"], rtol=1e-4, atol=1e-6)
     assert sb["path"].str.contains("/flat/files/img_").all()
+
+
+# -- search and the false-alarm budget on a whole run (here: the folder run's features, no second extraction)
+GRIDS = {"knn": {"k": [1, 3, 6]}, "lof": {"n_neighbors": [2, 4, 8]}}
+
+
+def test_run_with_search_and_a_false_alarm_budget(folder_run, tmp_path):
+    import json
+
+    from mvtec_ray.config import load_config
+    from mvtec_ray.features import FeatureSet
+    from mvtec_ray.pipeline import run_fit, write_outputs
+    from mvtec_ray.report import format_tuning_table, write_report
+    from mvtec_ray.storage import Storage
+    config = load_config(None, {"out": str(tmp_path), "detectors.names": ["knn", "lof"],
+                                "search.enabled": True, "search.grids": GRIDS,
+                                "evaluation.threshold_rule": "fpr:0.25"})
+    storage = Storage()
+    features = FeatureSet.open(folder_run.extraction.features_dir, storage)
+    results, scores = run_fit(features, str(tmp_path), config, storage)
+    write_outputs(str(tmp_path), storage, config, results, scores)
+    search = pd.read_parquet(tmp_path / "search.parquet")
+    assert len(search) == 8 and search.groupby("detector")["chosen"].sum().eq(1).all()
+    assert {"category", "detector", "params", "val_auroc", "chosen", "fit_seconds"} <= set(search.columns)
+    rows = pd.read_parquet(tmp_path / "results.parquet").query("category != 'mean'").set_index("detector")
+    picked = search[search["chosen"]].set_index("detector")
+    for detector in ("knn", "lof"):
+        assert json.loads(rows.loc[detector, "params"]) == json.loads(picked.loc[detector, "params"])
+        assert rows.loc[detector, "status"] == "ok" and not np.isnan(rows.loc[detector, "default_image_auroc"])
+        best = search[search["detector"] == detector]["val_auroc"].max()
+        assert picked.loc[detector, "val_auroc"] == best
+        if picked.loc[detector, "trial"] == 0:
+            assert rows.loc[detector, "default_image_auroc"] == rows.loc[detector, "image_auroc"]
+    default_knn = folder_run.results.query("category != 'mean' and detector == 'knn'")["image_auroc"].iloc[0]
+    assert rows.loc["knn", "default_image_auroc"] == pytest.approx(default_knn)
+    assert set(rows["threshold_rule"]) == {"val_fpr_0.25"}
+    # the false-alarm rate on the held-out normals is within the budget
+    val_good = scores[scores["split"] == "val_good"]
+    assert val_good["detector"].nunique() == 2 and val_good.groupby("detector").size().min() >= 4
+    for detector, group in val_good.groupby("detector"):
+        assert (group["score"] >= group["threshold"]).mean() <= 0.25, detector
+    assert "knn" in format_tuning_table(results)
+    html = write_report(str(tmp_path)).read_text()
+    assert "Default vs tuned" in html and "chosen settings per category" in html

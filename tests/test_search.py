@@ -1,4 +1,8 @@
-"""Hyper-parameter search: the validation-best setting wins, and test labels are never read."""
+"""Hyper-parameter search: the validation-best setting wins, and test labels are never read.
+
+The run-level test (search.parquet, params column, report, false-alarm budget) is in
+tests/test_manifest.py, on the features of its folder run.
+"""
 from __future__ import annotations
 
 import json
@@ -7,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mvtec_ray.config import SearchConfig, load_config
+from mvtec_ray.config import SearchConfig
 from mvtec_ray.search import choose, run_search, search_settings, validation_auroc, validation_view
 
 GRIDS = {"knn": {"k": [1, 4, 12]}, "lof": {"n_neighbors": [2, 6, 15]}}
@@ -93,50 +97,3 @@ def test_search_picks_the_validation_best_and_ignores_test_labels(ray_session, b
     again, chosen_again = run_search(search, ["c"], ["knn", "lof"], {}, {"c": ray.put(poisoned)})
     pd.testing.assert_frame_equal(table.drop(columns="fit_seconds"), again.drop(columns="fit_seconds"))
     assert chosen_again == chosen
-
-
-@pytest.fixture(scope="module")
-def tiny_features(ray_session, tmp_path_factory):
-    from mvtec_ray.extract import run_extraction
-    from mvtec_ray.manifest import dataset_catalog
-    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
-    from mvtec_ray.storage import Storage
-    from mvtec_ray.backbones import resolve_weights
-    root = tmp_path_factory.mktemp("search_data") / "mvtec"
-    generate_sample_dataset(root, categories=["grid_gray"], seed=7,
-                            spec=SampleSpec(n_train=15, n_test_good=4, n_test_defect_per_type=1, size=128))
-    config = load_config(None, {"data": str(root), "extract.backbone": "efficientnet_lite0",
-                                "extract.patch_maps": "none", "extract.synthetic_per_image": 3})
-    storage = Storage()
-    catalog = dataset_catalog(config.data, "", storage)
-    extraction = run_extraction(catalog, str(tmp_path_factory.mktemp("features")), config.extract, storage,
-                                resolve_weights("efficientnet_lite0", "imagenet"))
-    return extraction.features_dir
-
-
-def test_run_with_search_and_a_false_alarm_budget(tiny_features, tmp_path):
-    from mvtec_ray.features import FeatureSet
-    from mvtec_ray.pipeline import run_fit, write_outputs
-    from mvtec_ray.report import write_report
-    from mvtec_ray.storage import Storage
-    config = load_config(None, {"out": str(tmp_path), "detectors.names": ["knn", "lof"],
-                                "search.enabled": True, "search.grids": GRIDS,
-                                "evaluation.threshold_rule": "fpr:0.25"})
-    storage = Storage()
-    results, scores = run_fit(FeatureSet.open(tiny_features, storage), str(tmp_path), config, storage)
-    write_outputs(str(tmp_path), storage, config, results, scores)
-    search = pd.read_parquet(tmp_path / "search.parquet")
-    assert len(search) == 8 and search.groupby("detector")["chosen"].sum().eq(1).all()
-    rows = pd.read_parquet(tmp_path / "results.parquet").query("category != 'mean'").set_index("detector")
-    picked = search[search["chosen"]].set_index("detector")
-    for detector in ("knn", "lof"):
-        assert json.loads(rows.loc[detector, "params"]) == json.loads(picked.loc[detector, "params"])
-        assert rows.loc[detector, "status"] == "ok" and not np.isnan(rows.loc[detector, "default_image_auroc"])
-        if picked.loc[detector, "trial"] == 0:
-            assert rows.loc[detector, "default_image_auroc"] == rows.loc[detector, "image_auroc"]
-    assert set(rows["threshold_rule"]) == {"val_fpr_0.25"}
-    # the false-alarm rate on the held-out normals is within the budget
-    for (detector, threshold), group in scores[scores["split"] == "val_good"].groupby(["detector", "threshold"]):
-        assert (group["score"] >= threshold).mean() <= 0.25, detector
-    html = (write_report(str(tmp_path))).read_text()
-    assert "Default vs tuned" in html
