@@ -39,12 +39,15 @@ def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True
         parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="extractor device (default auto)")
     if detectors:
         parser.add_argument("--detectors", help="comma-separated detector names (default: all)")
-        parser.add_argument("--search", action="store_true", default=None,
-                            help="tune each detector's hyper-parameters on the validation split (config 'search:')")
-        parser.add_argument("--threshold-rule", help="f1 (default: F1-max on validation) or fpr:<rate>, e.g. fpr:0.01 "
-                                                     "(flags at most that fraction of held-out normal images)")
     parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--search", action="store_true", default=None,
+                        help="tune each detector's hyper-parameters on the validation split (config 'search:')")
+    parser.add_argument("--threshold-rule", help="f1 (default: F1-max on validation) or fpr:<rate>, e.g. fpr:0.01 "
+                                                 "(flags at most that fraction of held-out normal images)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline: extract, fit, evaluate, results table and report")
     _common(p)
     p.add_argument("--features", help="features folder (default OUT/features); reused when complete")
+    _evaluation_flags(p)
 
     p = sub.add_parser("extract", help="stream images through the backbone into Parquet feature shards")
     _common(p, detectors=False)
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit and evaluate every detector on every category as Ray tasks")
     _common(p, data=False, extraction=False)
     p.add_argument("--features", required=True, help="features folder written by extract")
+    _evaluation_flags(p)
 
     p = sub.add_parser("score", help="score new images with fitted models (streaming, incremental)")
     _common(p, data=False, extraction=False)
