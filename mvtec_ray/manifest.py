@@ -110,11 +110,14 @@ def _read_table(uri: str, storage: Storage) -> tuple[pd.DataFrame, bool]:
     try:
         if ext == ".csv":
             # everything as text: labels like "1" and "1.0" and empty optional cells are parsed per row
-            return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False), True
-        return pd.read_parquet(io.BytesIO(data)), False
+            table, is_csv = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8-sig"), True
+        else:
+            table, is_csv = pd.read_parquet(io.BytesIO(data)), False
     except Exception as exc:  # noqa: BLE001 - any parser error is a bad manifest
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CatalogError(f"cannot read manifest {uri}: {first}") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    return table, is_csv
 
 
 def _folder_of(uri: str) -> str:

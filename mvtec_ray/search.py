@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -136,7 +137,15 @@ def _run_tune(trials: list[Trial], views: dict, cpus: float, threads: int) -> li
                            tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True),
                            run_config=tune.RunConfig(name="search", storage_path=storage, verbose=0,
                                                      log_to_file=False))
-        grid = tuner.fit()
+        previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer console output ignores verbose=0
+        try:
+            grid = tuner.fit()
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = previous
         out: list[dict] = [{"val_auroc": math.nan, "fit_seconds": math.nan, "status": "error",
                             "error": "no result from Tune"} for _ in trials]
         for result in grid:

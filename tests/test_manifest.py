@@ -93,6 +93,7 @@ GOOD = [{"path": "a.png", "category": "c", "split": "train", "label": 0},
     ({"label": "bad"}, r"m\.csv line 4: label must be 0 \(good\) or 1 \(defect\), got 'bad'$"),
     ({"mask_path": "nomask.png"}, r"m\.csv line 4: mask_path file not found: .*nomask\.png$"),
     ({"path": "b.png"}, r"m\.csv line 4: path '.*b\.png' listed twice \(first at m\.csv line 3\)$"),
+    ({"split": "train"}, r"m\.csv line 4: train images must be good \(label 0\); defects belong to the test split$"),
 ])
 def test_each_bad_row_is_one_line_naming_it(tmp_path, change, message):
     rows = [dict(r) for r in GOOD]
@@ -108,6 +109,9 @@ def test_missing_columns_and_file(tmp_path):
         build_manifest_catalog(path)
     with pytest.raises(CatalogError, match="manifest not found"):
         build_manifest_catalog(str(tmp_path / "nothing.csv"))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(CatalogError, match="cannot read manifest .*broken.parquet"):
+        build_manifest_catalog(str(tmp_path / "broken.parquet"))
 
 
 def test_test_split_without_good_or_defect_warns(tmp_path):
