@@ -196,8 +196,10 @@ def run_search(search: SearchConfig, categories: list[str], detectors: list[str]
 
 def default_beside_tuned(rows: pd.DataFrame, default_rows: dict) -> pd.DataFrame:
     """Add the default setting's test metrics (``default_image_auroc``, ``default_image_f1``) to the
-    rows of the tuned fits; cells fitted with their default setting show their own."""
+    rows of the tuned fits (cells that kept their default setting show their own) and
+    ``setting_changed`` (the search chose another setting than the default)."""
     rows = rows.copy()
+    rows["setting_changed"] = [(c, d) in default_rows for c, d in zip(rows["category"], rows["detector"])]
     for column in ("image_auroc", "image_f1"):
         values = []
         for row in rows.to_dict("records"):

@@ -204,5 +204,6 @@ def test_run_with_search_and_a_false_alarm_budget(folder_run, tmp_path):
     for detector, group in val_good.groupby("detector"):
         assert (group["score"] >= group["threshold"]).mean() <= 0.25, detector
     assert "knn" in format_tuning_table(results)
+    assert rows["setting_changed"].tolist() == [bool(picked.loc[d, "trial"] != 0) for d in rows.index]
     html = write_report(str(tmp_path)).read_text()
     assert "Default vs tuned" in html and "chosen settings per category" in html
