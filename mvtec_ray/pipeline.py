@@ -20,8 +20,8 @@ from .detectors import detector_class
 from .evaluation import summarise
 from .extract import ExtractionResult, run_extraction
 from .features import FeatureSet
-from .manifest import dataset_catalog
 from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task
+from .manifest import dataset_catalog
 from .model_store import write_manifest
 from .storage import Storage, join
 
