@@ -20,6 +20,8 @@ def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True
             detectors: bool = True) -> None:
     if data:
         parser.add_argument("--data", help="dataset root in the MVTec AD layout: a local folder or s3://bucket/prefix")
+        parser.add_argument("--manifest", help="instead of --data: a CSV or Parquet table of images (local or s3://) "
+                                               "with columns path, category, split, label[, defect_type, mask_path]")
     if out:
         parser.add_argument("--out", help="output folder (local or s3://)")
     parser.add_argument("--config", help="YAML config; command-line flags override it")
@@ -41,6 +43,13 @@ def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
+def _evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--search", action="store_true", default=None,
+                        help="tune each detector's hyper-parameters on the validation split (config 'search:')")
+    parser.add_argument("--threshold-rule", help="f1 (default: F1-max on validation) or fpr:<rate>, e.g. fpr:0.01 "
+                                                 "(flags at most that fraction of held-out normal images)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mvtec-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -55,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline: extract, fit, evaluate, results table and report")
     _common(p)
     p.add_argument("--features", help="features folder (default OUT/features); reused when complete")
+    _evaluation_flags(p)
 
     p = sub.add_parser("extract", help="stream images through the backbone into Parquet feature shards")
     _common(p, detectors=False)
@@ -62,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit and evaluate every detector on every category as Ray tasks")
     _common(p, data=False, extraction=False)
     p.add_argument("--features", required=True, help="features folder written by extract")
+    _evaluation_flags(p)
 
     p = sub.add_parser("score", help="score new images with fitted models (streaming, incremental)")
     _common(p, data=False, extraction=False)
@@ -93,7 +104,8 @@ def config_from_args(args: argparse.Namespace):
         "extract.backbone": get("backbone"), "extract.weights": get("weights"),
         "extract.image_size": get("image_size"), "extract.batch_size": get("batch_size"),
         "extract.augment_copies": get("augment_copies"), "extract.device": get("device"),
-        "detectors.names": _split(get("detectors")),
+        "detectors.names": _split(get("detectors")), "manifest": get("manifest"),
+        "search.enabled": get("search"), "evaluation.threshold_rule": get("threshold_rule"),
     }
     config = load_config(get("config"), overrides)
     if get("s3_endpoint"):
@@ -102,9 +114,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _require(config, *fields: str) -> None:
+    if "data" in fields and config.manifest:
+        fields = tuple(f for f in fields if f != "data")
     for name in fields:
         if not getattr(config, name):
-            raise UserError(f"--{name} is required (or set '{name}:' in the config)")
+            also = " (or --manifest)" if name == "data" else ""
+            raise UserError(f"--{name}{also} is required (or set '{name}:' in the config)")
 
 
 def cmd_sample_data(args) -> int:
@@ -126,10 +141,10 @@ def cmd_sample_data(args) -> int:
 
 def _preflight(config):
     """Everything a person can get wrong, checked before the heavy imports and before Ray starts."""
-    from .catalog import build_catalog
+    from .manifest import dataset_catalog
     from .storage import Storage
     storage = Storage(config.s3)
-    catalog = build_catalog(config.data, storage, config.categories)
+    catalog = dataset_catalog(config.data, config.manifest, storage, config.categories)
     from .backbones import resolve_weights  # torch: only once the data is known to be there
     weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
     return storage, catalog, weights
@@ -141,11 +156,13 @@ def cmd_run(args) -> int:
     _require(config, "data", "out")
     _, catalog, weights = _preflight(config)
     from .pipeline import run_pipeline
-    from .report import format_results_table, write_report
+    from .report import format_results_table, format_tuning_table, write_report
     started = time.perf_counter()
     outputs = run_pipeline(config, features_uri=args.features, catalog=catalog, weights=weights)
     _print_extraction(outputs.extraction)
     print(format_results_table(outputs.results))
+    if config.search.enabled:
+        print(format_tuning_table(outputs.results))
     print(f"report: {write_report(config.out, storage=Storage(config.s3))}")
     print(f"outputs: {config.out} (results.md/csv/parquet, scores.parquet, models/, features/)  "
           f"total {time.perf_counter() - started:.1f}s: " +
@@ -187,12 +204,14 @@ def cmd_fit(args) -> int:
     storage = Storage(config.s3)
     features = FeatureSet.open(args.features, storage)
     from .pipeline import connect, run_fit, write_outputs
-    from .report import format_results_table, write_report
+    from .report import format_results_table, format_tuning_table, write_report
     connect(config.ray)
     results, scores = run_fit(features, config.out, config, storage)
     errors = features.error_rows().to_pandas()
     write_outputs(config.out, storage, config, results, scores, errors)
     print(format_results_table(results))
+    if config.search.enabled:
+        print(format_tuning_table(results))
     print(f"report: {write_report(config.out, storage=storage)}")
     return 0
 

@@ -153,6 +153,51 @@ class EvaluationConfig(_Strict):
     #: anomaly maps are compared with masks at this size (pixel AUROC, PRO)
     pixel_eval_size: int = Field(128, ge=16, le=1024)
     save_maps: bool = True
+    #: decision threshold from validation data: "f1" (F1-max on val_good + val_synthetic) or
+    #: "fpr:<rate>" (flags at most that fraction of the held-out normal images, e.g. "fpr:0.01")
+    threshold_rule: str = "f1"
+
+    @field_validator("threshold_rule")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        from .evaluation import parse_threshold_rule
+        parse_threshold_rule(value)
+        return value.strip().lower()
+
+
+#: grids searched per detector when ``search.grids`` does not name it (pooled detectors only)
+DEFAULT_SEARCH_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "ocsvm": {"nu": [0.01, 0.05, 0.1, 0.3], "gamma": ["scale", 1e-4, 1e-3]},
+    "iforest": {"n_estimators": [100, 200, 400], "max_samples": ["auto", 0.5, 1.0]},
+    "lof": {"n_neighbors": [3, 5, 10, 20, 35]},
+    "elliptic": {"support_fraction": [None, 0.6, 0.8, 0.95]},
+    "knn": {"k": [1, 3, 5, 9]},
+    "mahalanobis": {"preprocess": ["none", "standard"]},
+}
+
+
+class SearchConfig(_Strict):
+    """Hyper-parameter search on the validation split (val_good + val_synthetic), per (category, detector)."""
+
+    enabled: bool = False
+    #: per-detector grids {detector: {param: [values]}}; missing detectors use DEFAULT_SEARCH_GRIDS,
+    #: detectors in neither (patch detectors) keep their one setting
+    grids: dict[str, dict[str, list[Any]]] = {}
+    #: most settings tried per (category, detector), the default setting included; a larger grid is
+    #: sampled (seeded)
+    max_trials: int = Field(12, ge=1, le=1000)
+    #: "tasks" (plain Ray tasks) or "tune" (Ray Tune); see benchmarks/search.py for their overhead
+    backend: Literal["tasks", "tune"] = "tasks"
+    seed: int = 0
+
+    @field_validator("grids")
+    @classmethod
+    def _non_empty_lists(cls, grids: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for detector, grid in grids.items():
+            for param, values in grid.items():
+                if not values:
+                    raise ValueError(f"search grid {detector}.{param} is empty")
+        return grids
 
 
 class RayConfig(_Strict):
@@ -163,11 +208,15 @@ class RayConfig(_Strict):
 
 class RunConfig(_Strict):
     data: str = ""
+    #: CSV or Parquet table of images (path, category, split, label[, defect_type, mask_path]),
+    #: instead of a folder in the MVTec AD layout
+    manifest: str = ""
     out: str = ""
     categories: list[str] | None = None
     extract: ExtractConfig = ExtractConfig()
     detectors: DetectorsConfig = DetectorsConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    search: SearchConfig = SearchConfig()
     ray: RayConfig = RayConfig()
     s3: S3Settings = S3Settings()
 

@@ -18,6 +18,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 __all__ = [
     "Threshold",
     "choose_threshold",
+    "choose_fpr_threshold",
+    "parse_threshold_rule",
+    "threshold_for_rule",
     "image_metrics",
     "pixel_auroc",
     "pro_curve",
@@ -131,6 +134,62 @@ def choose_threshold(val_scores, val_labels, normal_quantile: float = 0.99) -> T
         return Threshold(value=value, rule=f"normal_quantile_{normal_quantile:g}")
     _, value = _f1_max(scores, labels)
     return Threshold(value=value, rule="val_f1_max")
+
+
+def choose_fpr_threshold(val_scores, val_labels, max_fpr: float) -> Threshold:
+    """The lowest threshold that flags at most ``max_fpr`` of the held-out normal images.
+
+    Only the normals of the validation set (label 0) are used: a false-alarm budget, for lines
+    where rejecting good parts costs money. With ``n`` normals at most ``floor(max_fpr * n)`` of
+    them score ``>= value``; the value sits halfway between the highest normal score left
+    unflagged and the next higher one (just above the highest normal when none may be
+    flagged). ``rule = "val_fpr_<max_fpr>"``.
+    """
+    scores = _as_scores(val_scores, "val_scores")
+    labels = _as_labels(val_labels, scores.size, "val_labels")
+    if not 0.0 < max_fpr < 1.0:
+        raise ValueError(f"the false-alarm budget must be in (0, 1), got {max_fpr}")
+    normal = np.sort(scores[labels == 0])[::-1]  # descending
+    if normal.size == 0:
+        raise ValueError("the false-alarm rule needs held-out normal images (label 0) in the validation set")
+    allowed = int(np.floor(max_fpr * normal.size + 1e-9))
+    highest_unflagged = normal[allowed] if allowed < normal.size else None
+    rule = f"val_fpr_{max_fpr:g}"
+    if highest_unflagged is None:  # unreachable for max_fpr < 1, kept for clarity
+        return Threshold(value=float(normal[-1]), rule=rule)
+    above = normal[normal > highest_unflagged]
+    if above.size == 0:
+        value = float(np.nextafter(highest_unflagged, np.inf))
+    else:
+        value = 0.5 * (highest_unflagged + above.min())
+        if not value > highest_unflagged:  # adjacent floats
+            value = float(above.min())
+    return Threshold(value=float(value), rule=rule)
+
+
+def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
+    """``"f1"`` -> ("f1", None); ``"fpr:0.01"`` -> ("fpr", 0.01); anything else: ``ValueError``."""
+    text = str(rule).strip().lower()
+    if text == "f1":
+        return "f1", None
+    if text.startswith("fpr:"):
+        try:
+            rate = float(text[4:])
+        except ValueError:
+            rate = float("nan")
+        if 0.0 < rate < 1.0:
+            return "fpr", rate
+        raise ValueError(f"threshold rule {rule!r}: the false-alarm rate must be a number in (0, 1), e.g. fpr:0.01")
+    raise ValueError(f"unknown threshold rule {rule!r}; use 'f1' or 'fpr:<rate>' (e.g. fpr:0.01)")
+
+
+def threshold_for_rule(val_scores, val_labels, rule: str = "f1", normal_quantile: float = 0.99) -> Threshold:
+    """The threshold of a named rule: ``f1`` (:func:`choose_threshold`) or ``fpr:<rate>``
+    (:func:`choose_fpr_threshold`); both use validation data only."""
+    kind, rate = parse_threshold_rule(rule)
+    if kind == "fpr":
+        return choose_fpr_threshold(val_scores, val_labels, rate)
+    return choose_threshold(val_scores, val_labels, normal_quantile=normal_quantile)
 
 
 # -- image-level metrics -------------------------------------------------------

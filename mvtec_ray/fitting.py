@@ -7,6 +7,7 @@ train split alone: the validation images the threshold is chosen on are never se
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -18,7 +19,7 @@ import pandas as pd
 
 from .config import EvaluationConfig
 from .detectors import build_detector, detector_class
-from .evaluation import choose_threshold, image_metrics, pixel_auroc, pro_score
+from .evaluation import image_metrics, pixel_auroc, pro_score, threshold_for_rule
 from .features import FeatureSet, PatchChunks
 from .model_store import save_model
 from .storage import Storage, join
@@ -62,7 +63,8 @@ def fit_category_detector(features: FeatureSet, category: str, detector_name: st
     """Never raises for a failing fit: the outcome row then carries status "error"."""
     metadata = metadata or features.metadata()
     row = {"category": category, "detector": detector_name, "backbone": metadata["backbone"],
-           "weights": metadata["weights"], "status": "ok", "error": ""}
+           "weights": metadata["weights"], "status": "ok", "error": "",
+           "params": json.dumps(params, sort_keys=True, default=str)}
     cpu_started = time.process_time()
     try:
         with limited_threads(max(1, int(threads))):
@@ -102,7 +104,7 @@ def _counts(split_sizes: dict) -> dict:
 
 def _finish(row: dict, detector, category: str, val_scores, val_labels, test: dict, test_scores,
             evaluation: EvaluationConfig, out_uri, storage, metadata, extra_rows: list[dict]) -> FitOutcome:
-    threshold = choose_threshold(val_scores, val_labels, normal_quantile=evaluation.normal_quantile)
+    threshold = threshold_for_rule(val_scores, val_labels, evaluation.threshold_rule, evaluation.normal_quantile)
     metrics = image_metrics(test["label"], test_scores, threshold)
     row.update(metrics, threshold=threshold.value, threshold_rule=threshold.rule)
     if out_uri:

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .backbones import RANDOM_WEIGHTS_ID, ResolvedWeights, resolve_weights
-from .catalog import Catalog, build_catalog
+from .catalog import Catalog
 from .config import RayConfig, RunConfig
 from .detectors import detector_class
 from .evaluation import summarise
 from .extract import ExtractionResult, run_extraction
 from .features import FeatureSet
 from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task
+from .manifest import dataset_catalog
 from .model_store import write_manifest
 from .progress import Progress
 from .storage import Storage, join
@@ -89,14 +90,18 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
     pooled_refs = {}
     if any(detector_class(name).input_kind == "pooled" for name in config.detectors.names):
         pooled_refs = {category: load_pooled.remote(features, category) for category in categories}
+    chosen, defaults = {}, {}
+    if config.search.enabled:
+        chosen, defaults = _search(config, categories, pooled_refs, threads, out_uri, storage, features, metadata)
     # Longest fits first: the run then ends on short tasks instead of one CPU waiting on a long one.
     order = sorted(((c, n) for c in categories for n in config.detectors.names),
                    key=lambda cell: -_FIT_COST.get(cell[1], 1))
     pending = {}
     for category, name in order:
         pooled = detector_class(name).input_kind == "pooled"
+        params = chosen.get((category, name), config.detectors.params.get(name, {}))
         ref = fit_remote.options(**_fit_task_options(config, name)).remote(
-            features, category, name, config.detectors.params.get(name, {}), config.evaluation, out_uri, storage,
+            features, category, name, params, config.evaluation, out_uri, storage,
             threads, pooled_refs[category] if pooled else None, metadata)
         pending[ref] = (category, name)
     log.info("fitting %d (category, detector) tasks", len(pending))
@@ -117,12 +122,43 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
         outcomes.append(outcome)
     shown.close()
     rows = pd.DataFrame([o.row for o in outcomes])
+    if config.search.enabled:
+        from .search import default_beside_tuned
+        rows = default_beside_tuned(rows, {cell: _row_or_error(ref) for cell, ref in defaults.items()})
     results = summarise(rows)
     scores = pd.concat([o.scores for o in outcomes if len(o.scores)], ignore_index=True) if outcomes else \
         pd.DataFrame(columns=SCORE_COLUMNS)
     write_manifest(storage, join(out_uri, "models"), [
         {"category": o.row["category"], "detector": o.row["detector"], "status": o.row["status"]} for o in outcomes])
     return results, scores
+
+
+def _search(config: RunConfig, categories, pooled_refs, threads: int, out_uri: str, storage: Storage,
+            features: FeatureSet, metadata: dict):
+    """Choose each pooled detector's setting on validation (writes OUT/search.parquet); where the
+    choice is not the default, also fit the default (no models saved) for the report's comparison."""
+    import ray
+    from .search import run_search
+    table, chosen = run_search(config.search, categories, config.detectors.names, config.detectors.params,
+                               pooled_refs, config.detectors.cpus_per_task, threads)
+    storage.write_bytes(join(out_uri, "search.parquet"), _parquet_bytes(table))
+    fit_remote = ray.remote(fit_task)
+    defaults = {}
+    for (category, name), params in chosen.items():
+        base = config.detectors.params.get(name, {})
+        if params != base:
+            defaults[(category, name)] = fit_remote.options(**_fit_task_options(config, name)).remote(
+                features, category, name, base, config.evaluation, None, storage, threads, pooled_refs[category],
+                metadata)
+    return chosen, defaults
+
+
+def _row_or_error(ref) -> dict:
+    import ray
+    try:
+        return ray.get(ref).row
+    except Exception as exc:  # noqa: BLE001 - a lost worker leaves the comparison empty, not the run failed
+        return {"status": "error", "error": f"{type(exc).__name__}"}
 
 
 @dataclass
@@ -163,7 +199,7 @@ def run_pipeline(config: RunConfig, features_uri: str | None = None, catalog: Ca
     storage = Storage(config.s3)
     timings = {}
     started = time.perf_counter()
-    catalog = catalog or build_catalog(config.data, storage, config.categories)
+    catalog = catalog or dataset_catalog(config.data, config.manifest, storage, config.categories)
     for warning in catalog.warnings[:20]:
         log.warning(warning)
     # fail before any work

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from .errors import StorageError, StorageUnavailable
 from .storage import Storage, is_s3, join, safe_join
 
-__all__ = ["write_report", "format_results_table", "results_markdown"]
+__all__ = ["write_report", "format_results_table", "results_markdown", "format_tuning_table"]
 
 DPI = 90
 MEAN = "mean"
@@ -174,6 +174,66 @@ def results_markdown(results: pd.DataFrame) -> str:
             cells[2] = esc(err)
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def _tuning_rows(results: pd.DataFrame) -> list[tuple[str, float, float, int, int]]:
+    """Per detector (mean over ok categories): default-setting test AUROC, tuned test AUROC,
+    categories whose chosen setting is not the default, categories."""
+    if "default_image_auroc" not in results:
+        return []
+    per_cat = results[results["category"].astype(str) != MEAN]
+    out = []
+    for detector, group in per_cat.groupby("detector", sort=True):
+        ok = group[group["status"].astype(str) == "ok"] if "status" in group else group
+        default = pd.to_numeric(ok["default_image_auroc"], errors="coerce")
+        tuned = pd.to_numeric(ok["image_auroc"], errors="coerce")
+        changed = int(group["setting_changed"].fillna(False).astype(bool).sum()) if "setting_changed" in group else 0
+        out.append((str(detector), float(default.mean()), float(tuned.mean()), changed, len(group)))
+    return out
+
+
+def format_tuning_table(results: pd.DataFrame) -> str:
+    """Text table: per detector, test AUROC of the default setting beside the validation-tuned one."""
+    rows = _tuning_rows(results)
+    if not rows:
+        return ""
+    width = max(len("detector"), *(len(r[0]) for r in rows))
+    out = [f"{'detector'.ljust(width)}  default_auroc  tuned_auroc  change  setting_changed"]
+    for detector, default, tuned, changed, total in rows:
+        out.append(f"{detector.ljust(width)}  {_fmt(default):>13}  {_fmt(tuned):>11}  "
+                   f"{_fmt(tuned - default):>6}  {changed}/{total}")
+    out.append("tuned = setting chosen by validation AUROC (held-out normals + synthetic defects); test AUROC shown.")
+    return "\n".join(out)
+
+
+def _tuning_html(results: pd.DataFrame, out_dir: Path) -> str:
+    rows = _tuning_rows(results)
+    if not rows:
+        return ""
+    body = "".join(f"<tr><th>{_esc(d)}</th><td class=\"num\">{_fmt(a)}</td><td class=\"num\">{_fmt(b)}</td>"
+                   f"<td class=\"num\">{_fmt(b - a)}</td><td class=\"num\">{c}/{n}</td></tr>"
+                   for d, a, b, c, n in rows)
+    details = ""
+    search_path = out_dir / "search.parquet"
+    if search_path.is_file():
+        search = pd.read_parquet(search_path)
+        chosen = search[search["chosen"]]
+        default = search[search["trial"] == 0].set_index(["category", "detector"])["val_auroc"]
+        trials = search.groupby(["category", "detector"]).size()
+        lines = "".join(
+            f"<tr><td>{_esc(r.category)}</td><td>{_esc(r.detector)}</td><td><code>{_esc(r.params)}</code></td>"
+            f"<td class=\"num\">{_fmt(default.get((r.category, r.detector), math.nan))}</td>"
+            f"<td class=\"num\">{_fmt(r.val_auroc)}</td>"
+            f"<td class=\"num\">{int(trials.get((r.category, r.detector), 0))}</td></tr>"
+            for r in chosen.itertuples())
+        details = ("<details><summary>chosen settings per category</summary><div class=\"scroll\"><table><thead><tr>"
+                   "<th>category</th><th>detector</th><th>chosen params</th><th>val AUROC default</th>"
+                   f"<th>val AUROC chosen</th><th>trials</th></tr></thead><tbody>{lines}</tbody></table></div></details>")
+    return ("<h3>Default vs tuned setting (test AUROC, mean over categories)</h3>"
+            "<p class=\"note\">Each detector's setting was chosen by validation AUROC (held-out normal images "
+            "and synthetic defects); the test set was used only to measure the chosen and the default setting.</p>"
+            "<div class=\"scroll\"><table><thead><tr><th>detector</th><th>default</th><th>tuned</th><th>change</th>"
+            f"<th>setting changed (categories)</th></tr></thead><tbody>{body}</tbody></table></div>{details}")
 
 
 # ---------------------------------------------------------------------------
@@ -785,6 +845,7 @@ def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None)
     if "pixel_auroc" in results and pd.to_numeric(results["pixel_auroc"], errors="coerce").notna().any():
         body.append(_pivot_html(results, "pixel_auroc", "Pixel AUROC (detectors with anomaly maps)",
                                 detectors, categories))
+    body.append(_tuning_html(results, out_dir))
     body.append("<h3>All metrics</h3>")
     body.append(_long_table_html(results))
 
