@@ -124,7 +124,9 @@ def run_cold(argv: list[str], env: dict | None = None, poll_s: float = 0.5, time
         peak_n = max(peak_n, len(members))
         for (title, _), p in zip(sizes, members):
             cpu_seen[p.pid] = max(cpu_seen.get(p.pid, 0.0), _cpu_s(p))
-            titles[p.pid] = titles.get(p.pid) if titles.get(p.pid, "?") not in ("?", "ray::IDLE") else title
+            # a Ray worker starts as default_worker.py, idles as ray::IDLE, then takes its task's title
+            if not str(titles.get(p.pid, "?")).startswith("ray::") or titles[p.pid] == "ray::IDLE":
+                titles[p.pid] = title
         time.sleep(poll_s)
     proc.wait()
     reader.join(timeout=10)

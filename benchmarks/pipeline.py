@@ -22,7 +22,7 @@ from baselines import bare_extract  # noqa: E402
 from measure import emit, load_average, python, require_ok, run_cold  # noqa: E402
 
 
-def bare(data: str, out: str, backbone: str, detectors: list[str] | None) -> None:
+def bare(data: str, out: str, backbone: str, detectors: list[str] | None, config_file: str | None) -> None:
     """The pipeline's work in this one process, through the library's own functions."""
     import numpy as np
     started = time.perf_counter()
@@ -41,7 +41,7 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None) -> Non
     from mvtec_ray.storage import Storage, join
 
     overrides = {"data": data, "out": out, "extract.backbone": backbone, "detectors.names": detectors}
-    config = load_config(None, overrides)
+    config = load_config(config_file, overrides)
     storage = Storage(config.s3)
     catalog = build_catalog(config.data, storage, config.categories)
     weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
@@ -75,15 +75,17 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--detectors", help="comma-separated (default: every default detector)")
+    parser.add_argument("--config", help="a YAML config for both sides (e.g. extract.actors for the Ray side)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
     detectors = args.detectors.split(",") if args.detectors else None
     if args.side == "bare":
-        bare(args.data, args.out, args.backbone, detectors)
+        bare(args.data, args.out, args.backbone, detectors, args.config)
         return
     if args.side == "ray":
         from mvtec_ray.cli import main as cli
         argv = ["run", "--data", args.data, "--out", args.out, "--backbone", args.backbone]
+        argv += ["--config", args.config] if args.config else []
         sys.exit(cli(argv + (["--detectors", args.detectors] if args.detectors else [])))
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -95,6 +97,7 @@ def main() -> None:
             generate_sample_dataset(data)
         print(f"load average before: {load_average()}")
         common = ["--data", data, "--backbone", args.backbone] + (["--detectors", args.detectors] if args.detectors else [])
+        common += ["--config", os.path.abspath(args.config)] if args.config else []
         sides = {}
         for side in ("bare", "ray"):
             print(f"[{side}] cold process")
