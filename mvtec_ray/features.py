@@ -24,16 +24,17 @@ mask_uri    the ground-truth mask file of a real defect (empty otherwise)
 variant     ``orig``, ``aug<k>`` (augmented copy) or ``syn<k>`` (synthetic anomaly)
 aug_params  JSON of the exact transform / defect parameters
 status, error
-mask_png    PNG bytes of the defect mask at ``image_size`` (empty when none), resized and
-            centre-cropped as the image (``resize_to``)
-source_height, source_width   int32: the source image's own size (0 when unreadable); the
-            full-resolution pixel evaluation compares maps with masks of this size
+mask_png    PNG bytes of the defect mask at ``image_size``, resized and cropped as the image (empty when none)
+source_height, source_width   int32: the source image's own size (0 if unreadable), for full-resolution pixel metrics
 pooled      fixed-shape tensor float32 (D,)
 patches     fixed-shape tensor float16 (H, W, C), null for rows without patch maps
-padim       fixed-shape tensor float16 (H1, W1, d): PaDiM's layer1-3 maps (stride-4 grid, a fixed
-            random subset of d channels, see ``backbones.FeatureExtractor``); null for rows
-            without patch maps; absent when ``padim_channels`` is 0
+padim       fixed-shape tensor float16 (H1, W1, d): PaDiM's layer1-3 maps, null without patch maps (see below)
 ========== =========================================================================
+
+``padim`` holds the stride-4, -8 and -16 maps (ResNet layer1-3), the coarser ones upsampled to the
+stride-4 grid (nearest), restricted to a fixed random subset of ``d`` channels (see
+``backbones.FeatureExtractor``), computed in the same forward pass as ``patches``; the column is
+absent when ``padim_channels`` is 0.
 """
 from __future__ import annotations
 
