@@ -95,3 +95,15 @@ def test_saved_padim_model_scores_through_the_scorer(tmp_path, small_dataset, li
                    "source_version": prepared["source_version"][8:], "category": prepared["category"][8:]})
     np.testing.assert_allclose(rows["score"], detector.score(padim[8:]), rtol=1e-4)
     assert rows["map"].shape == (2, 32, 32)
+
+
+def test_fit_in_blocks_of_positions_equals_one_pass():
+    """A large Gaussian (e.g. 550 channels on a 56x56 grid) is fitted block by block within
+    accumulator_budget_mb; the result is the same."""
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(20, 6, 5, 12)).astype(np.float16), rng.normal(size=(4, 6, 5, 12)).astype(np.float16)
+    whole = PaDiM().fit(train)
+    blocks = PaDiM(accumulator_budget_mb=7 * 12 * 12 * 16 / 2**20).fit(train)
+    assert whole.fit_stats_["passes"] == 1 and blocks.fit_stats_["passes"] == 5  # 30 positions, 7 per block
+    np.testing.assert_allclose(blocks.inv_cov_, whole.inv_cov_, rtol=1e-6)
+    np.testing.assert_array_equal(blocks.score(test), whole.score(test))
