@@ -8,8 +8,9 @@
 Loading (:func:`load_model`) refuses, with :class:`ModelMismatch` and a one-line message, a model
 whose model.json is malformed or names another category/detector, whose files were changed after
 saving, whose feature schema differs from what the caller expects (backbone, weights sha256, image
-size, resize_to, patch_dim, pooled_dim, patch_shape, padim_shape), or that was saved with a different major version of a
-package that (de)serialises its state or computes its features (see :data:`MAJOR_MUST_MATCH`).
+size, resize_to, patch_dim, pooled_dim, patch_shape, padim_shape), or that was saved with a
+different major version of a package that (de)serialises its state or computes its features (see
+:data:`MAJOR_MUST_MATCH`).
 """
 from __future__ import annotations
 
