@@ -156,16 +156,30 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def padim_channel_index(widths: list[int], count: int, seed: int = 0) -> np.ndarray:
+    """PaDiM's random channel subset: ``count`` of the concatenated layers' channels, sorted.
+
+    Fixed for a backbone (seeded), so extraction and scoring select the same channels."""
+    total = int(sum(widths))
+    count = min(int(count), total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False)).astype(np.int64)
+
+
 class FeatureExtractor(nn.Module):
-    """uint8 images -> (pooled vectors, locally aware patch maps).
+    """uint8 images -> (pooled vectors, locally aware patch maps, PaDiM maps).
 
     * pooled: global average of the last feature map (2048-d for ResNet50).
     * patches: the stride-8 and stride-16 maps, each averaged over its 3x3 neighbourhood,
       the coarse one upsampled to the fine grid, concatenated (PatchCore's patch features);
       optionally reduced to ``patch_dim`` channels by adaptive average pooling.
+    * padim: PaDiM's embedding: the stride-4, -8 and -16 maps (ResNet layer1-3) as they are,
+      the coarser ones upsampled to the stride-4 grid (nearest, as the paper and anomalib), of
+      which a fixed random subset of ``padim_channels`` channels is kept
+      (:func:`padim_channel_index`; default: the backbone's, ``spec.padim_channels``; 0 = none).
     """
 
-    def __init__(self, spec: BackboneSpec, state_dict: dict | None, patch_dim: int | None = None):
+    def __init__(self, spec: BackboneSpec, state_dict: dict | None, patch_dim: int | None = None,
+                 padim_channels: int | None = None):
         super().__init__()
         self.spec = spec
         self.model = build_model(spec)
@@ -173,11 +187,13 @@ class FeatureExtractor(nn.Module):
             self.model.load_state_dict(state_dict, strict=True)
         self.model.eval()
         self.patch_dim = patch_dim
+        self.padim_channels = spec.padim_channels if padim_channels is None else int(padim_channels)
+        self._padim_index: list[torch.Tensor] | None = None
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
         self._captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
-        for layer in spec.patch_layers:
+        for layer in dict.fromkeys(spec.patch_layers + spec.padim_layers):
             modules[layer].register_forward_hook(self._capture(layer))
 
     def _capture(self, layer: str):
@@ -191,7 +207,8 @@ class FeatureExtractor(nn.Module):
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, with_patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor, with_patches: bool = True, with_padim: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = self.normalise(images)
         if self.spec.family == "timm":
             last = self.model.forward_features(x)
@@ -200,7 +217,7 @@ class FeatureExtractor(nn.Module):
             x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
             last = m.layer4(m.layer3(m.layer2(m.layer1(x))))
         pooled = last.float().mean(dim=(2, 3))
-        patches = None
+        patches = padim = None
         if with_patches:
             fine, coarse = (self._captured[layer] for layer in self.spec.patch_layers)
             fine = F.avg_pool2d(fine.float(), 3, stride=1, padding=1)
@@ -210,15 +227,36 @@ class FeatureExtractor(nn.Module):
             if self.patch_dim and self.patch_dim < patches.shape[-1]:
                 n, h, w, c = patches.shape
                 patches = F.adaptive_avg_pool1d(patches.reshape(n * h * w, 1, c), self.patch_dim).reshape(n, h, w, -1)
+        if with_padim and self.padim_channels > 0:
+            padim = self._padim(self._captured)
         self._captured.clear()
-        return pooled, patches
+        return pooled, patches, padim
+
+    def _padim(self, captured: dict[str, torch.Tensor]) -> torch.Tensor:
+        maps = [captured[layer] for layer in self.spec.padim_layers]
+        if self._padim_index is None:
+            chosen = padim_channel_index([m.shape[1] for m in maps], self.padim_channels)
+            offsets = np.cumsum([0] + [m.shape[1] for m in maps])
+            self._padim_index = [torch.from_numpy(chosen[(chosen >= lo) & (chosen < hi)] - lo)
+                                 for lo, hi in zip(offsets[:-1], offsets[1:])]
+        grid = maps[0].shape[-2:]
+        parts = []
+        for features, index in zip(maps, self._padim_index):
+            if len(index) == 0:
+                continue
+            part = features[:, index.to(features.device)].float()  # select first: upsample only what is kept
+            if part.shape[-2:] != grid:
+                part = F.interpolate(part, size=grid, mode="nearest")
+            parts.append(part)
+        return torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # N, H, W, C
 
 
-def embed_images(model: FeatureExtractor, images: np.ndarray, with_patches: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+def embed_images(model: FeatureExtractor, images: np.ndarray, with_patches: bool = True, with_padim: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The one feature path of extraction, batch scoring and serving.
 
-    uint8 NHWC images (numpy) -> (pooled float32 ``(n, D)``, patches float16 ``(n, H, W, C)`` or None).
+    uint8 NHWC images (numpy) -> (pooled float32 ``(n, D)``, patches float16 ``(n, H, W, C)`` or None,
+    PaDiM maps float16 ``(n, H1, W1, d)`` or None).
     On CUDA the batch goes through pinned memory and fp16 autocast with a channels_last model
     (see :func:`prepare_for_device`); on CPU it runs in float32.
     """
@@ -227,9 +265,11 @@ def embed_images(model: FeatureExtractor, images: np.ndarray, with_patches: bool
     if device.type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        pooled, patches = model(tensor, with_patches=with_patches)
-    return (pooled.float().cpu().numpy(),
-            patches.to(torch.float16).cpu().numpy() if patches is not None else None)
+        pooled, patches, padim = model(tensor, with_patches=with_patches, with_padim=with_padim)
+
+    def half(t):
+        return t.to(torch.float16).cpu().numpy() if t is not None else None
+    return pooled.float().cpu().numpy(), half(patches), half(padim)
 
 
 def prepare_for_device(model: FeatureExtractor, device: str) -> FeatureExtractor:

@@ -14,7 +14,7 @@ from .errors import UserError
 
 
 #: bump when the feature shards' columns change, so old shards are never read as new ones
-FEATURE_SCHEMA_VERSION = 2
+FEATURE_SCHEMA_VERSION = 3
 
 
 class _Strict(BaseModel):
@@ -57,6 +57,9 @@ class ExtractConfig(_Strict):
     #: a local .pth file, an s3:// URI, or "random" (NOT pretrained; recorded in every output)
     weights: str = "imagenet"
     image_size: int = Field(224, ge=32, le=1024)
+    #: None: resize the whole image to image_size. A size: resize to it, then centre-crop image_size
+    #: (the PatchCore paper / anomalib protocol is 256 then 224); masks are cropped the same way
+    resize_to: int | None = Field(None, ge=32, le=2048)
     batch_size: int = Field(16, ge=1, le=1024)
     #: augmented copies of every training image (0 = originals only)
     augment_copies: int = Field(0, ge=0, le=200)
@@ -73,6 +76,9 @@ class ExtractConfig(_Strict):
     patch_maps: Literal["originals", "all", "none"] = "originals"
     #: reduce patch channels to this many by adaptive average pooling (PatchCore); None keeps all
     patch_dim: int | None = Field(None, ge=8)
+    #: PaDiM maps (layer1-3, random channel subset): channels to keep; None = the backbone's default
+    #: (resnet18 100, resnet50 / wide_resnet50_2 550, EfficientNet-Lite 100); 0 = no PaDiM maps
+    padim_channels: int | None = Field(None, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: "fused": decode, embed and write in the same actors (least overhead when one kind of
     #: processor does all three); "staged": CPU decoder actors -> extractor actors -> writer actors
@@ -101,6 +107,14 @@ class ExtractConfig(_Strict):
             raise ValueError(f"unknown backbone {value!r}; known: {', '.join(sorted(BACKBONES))}")
         return value
 
+    @field_validator("resize_to")
+    @classmethod
+    def _crop_fits(cls, value: int | None, info) -> int | None:
+        size = info.data.get("image_size")
+        if value is not None and size is not None and value < size:
+            raise ValueError(f"resize_to ({value}) must be at least image_size ({size}): the crop is taken from it")
+        return value
+
     @field_validator("actor_resources")
     @classmethod
     def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
@@ -115,7 +129,7 @@ class ExtractConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the features (not of resources or devices)."""
-        keys = ["backbone", "weights", "image_size", "augment_copies", "augmentations",
+        keys = ["backbone", "weights", "image_size", "resize_to", "padim_channels", "augment_copies", "augmentations",
                 "holdout_fraction", "min_holdout", "synthetic_per_image", "synthetic_kinds",
                 "patch_maps", "patch_dim", "max_image_pixels", "min_image_side", "seed"]
         values = {k: getattr(self, k) for k in keys}
@@ -150,8 +164,14 @@ class DetectorsConfig(_Strict):
 class EvaluationConfig(_Strict):
     #: threshold when the validation set has no synthetic anomalies
     normal_quantile: float = Field(0.99, gt=0.5, lt=1.0)
-    #: anomaly maps are compared with masks at this size (pixel AUROC, PRO)
+    #: pixel AUROC / PRO / F1: "full" compares maps upsampled to each ground-truth mask's own
+    #: resolution (the MVTec AD protocol); "reduced" compares maps and masks at pixel_eval_size
+    #: (faster, but thin defects can vanish from a downsampled mask)
+    pixel_eval: Literal["full", "reduced"] = "full"
+    #: size of the saved and scored anomaly maps, and of the "reduced" pixel evaluation
     pixel_eval_size: int = Field(128, ge=16, le=1024)
+    #: per-image overlay PNGs (image, ground truth, map, predicted outline) of patch detectors
+    overlays: bool = True
     save_maps: bool = True
     #: decision threshold from validation data: "f1" (F1-max on val_good + val_synthetic) or
     #: "fpr:<rate>" (flags at most that fraction of the held-out normal images, e.g. "fpr:0.01")

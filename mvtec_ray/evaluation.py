@@ -17,12 +17,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
     "Threshold",
+    "choose_pixel_threshold",
     "choose_threshold",
     "choose_fpr_threshold",
     "parse_threshold_rule",
     "threshold_for_rule",
     "image_metrics",
     "pixel_auroc",
+    "pixel_f1",
+    "pixel_f1_max",
     "pro_curve",
     "pro_score",
     "summarise",
@@ -192,6 +195,17 @@ def threshold_for_rule(val_scores, val_labels, rule: str = "f1", normal_quantile
     return choose_threshold(val_scores, val_labels, normal_quantile=normal_quantile)
 
 
+def choose_pixel_threshold(val_maps, val_masks, normal_quantile: float = 0.99) -> Threshold:
+    """The pixel threshold, from validation maps and masks only (held-out normals: empty masks;
+    synthetic defects: their masks), never from test masks: :func:`choose_threshold` over every
+    validation pixel (F1-max with defect pixels, else the ``normal_quantile`` of normal pixels).
+    A pixel is flagged iff ``map >= threshold``. Rules: ``pixel_val_f1_max`` / ``pixel_normal_quantile_<q>``.
+    """
+    a, m = _maps_and_masks(val_maps, val_masks)
+    chosen = choose_threshold(a.ravel(), m.ravel().astype(np.int8), normal_quantile)
+    return Threshold(chosen.value, f"pixel_{chosen.rule}")
+
+
 # -- image-level metrics -------------------------------------------------------
 def image_metrics(labels, scores, threshold: Threshold | float | None) -> dict[str, float]:
     """Image-level metrics for one test set.
@@ -240,6 +254,12 @@ def image_metrics(labels, scores, threshold: Threshold | float | None) -> dict[s
 
 # -- pixel-level metrics -------------------------------------------------------
 def _maps_and_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    """Maps and masks as ``(n, h, w)`` arrays; a list of 2-D maps of different sizes (each with
+    its mask of the same size: full-resolution evaluation) comes back as one ``(1, 1, total)``
+    row of pixels, for the metrics that need no regions."""
+    if _is_ragged(maps):
+        flat_maps, flat_masks = _ragged(maps, masks)
+        return _maps_and_masks(flat_maps.reshape(1, 1, -1), flat_masks.reshape(1, 1, -1))
     a = np.asarray(maps)
     m = np.asarray(masks)
     if a.ndim == 2 and m.ndim == 2:  # a single map
@@ -255,13 +275,51 @@ def _maps_and_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
     return a, m.astype(bool)
 
 
+def _is_ragged(maps) -> bool:
+    return isinstance(maps, (list, tuple)) and len(maps) > 0 and len({np.shape(x) for x in maps}) > 1
+
+
+def _ragged(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    if len(maps) != len(masks) or any(np.shape(a) != np.shape(m) or np.ndim(a) != 2 for a, m in zip(maps, masks)):
+        raise ValueError("each map must be 2-D with a mask of the same shape")
+    return (np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in maps]),
+            np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks]))
+
+
+def _regions(maps, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Flat (scores, is_defect, region label) of every pixel and the number of regions: the
+    8-connected components of each mask (labels unique over all images, none across images)."""
+    if _is_ragged(maps):
+        _ragged(maps, masks)  # shape checks
+        values, defect, labels, total = [], [], [], 0
+        for a, m in zip(maps, masks):
+            m = np.asarray(m, dtype=bool)
+            lab, k = ndimage.label(m, structure=PRO_STRUCTURE_2D)
+            values.append(np.asarray(a, dtype=np.float32).ravel())
+            defect.append(m.ravel())
+            labels.append(np.where(lab > 0, lab + total, 0).ravel())
+            total += k
+        a = np.concatenate(values)
+        if np.isnan(a).any():
+            raise ValueError(f"maps contain {int(np.isnan(a).sum())} NaN value(s)")
+        return a, np.concatenate(defect), np.concatenate(labels), total
+    a, m = _maps_and_masks(maps, masks)
+    # 3-D structure without links across images = per-image 8-connectivity,
+    # with labels unique over the whole stack
+    structure = np.zeros((3, 3, 3), dtype=int)
+    structure[1] = PRO_STRUCTURE_2D
+    regions, n_regions = ndimage.label(m, structure=structure)
+    return a.ravel(), m.ravel(), regions.ravel(), n_regions
+
+
 def pixel_auroc(maps, masks) -> float:
     """Pixel-level AUROC over all pixels of all maps (NaN if one class only).
 
     Computed as the Mann-Whitney statistic (ties count 1/2), which equals
     ``sklearn.metrics.roc_auc_score``; two sorts and a binary search instead
     of sklearn's full ROC curve keep a few million pixels well under a second.
-    Downsampling, if wanted, is the caller's choice.
+    Downsampling, if wanted, is the caller's choice. ``maps`` / ``masks`` may also be lists of
+    2-D arrays of different sizes (each map at its own mask's resolution).
     """
     a, m = _maps_and_masks(maps, masks)
     neg = np.sort(a[~m], axis=None)
@@ -290,16 +348,12 @@ def pro_curve(maps, masks, fpr_limit: float = 0.3,
     the best PRO at each FPR level and the jump across a tie. Points are
     joined linearly, which is also how ties are resolved (random tie-breaking
     in expectation). The curve starts at ``(0, 0)``. Returns empty arrays when
-    there are no regions or no normal pixels.
+    there are no regions or no normal pixels. Maps and masks: ``(n, h, w)``, or lists of 2-D
+    arrays of different sizes.
     """
-    a, m = _maps_and_masks(maps, masks)
     if num_thresholds < 2:
         raise ValueError("num_thresholds must be >= 2")
-    # 3-D structure without links across images = per-image 8-connectivity,
-    # with labels unique over the whole stack
-    structure = np.zeros((3, 3, 3), dtype=int)
-    structure[1] = PRO_STRUCTURE_2D
-    regions, n_regions = ndimage.label(m, structure=structure)
+    a, m, regions, n_regions = _regions(maps, masks)
     normal = np.sort(a[~m], axis=None)
     if n_regions == 0 or normal.size == 0:
         return np.empty(0), np.empty(0)
@@ -357,6 +411,35 @@ def pro_score(maps, masks, fpr_limit: float = 0.3, num_thresholds: int = 200) ->
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
     return float(np.trapezoid(y, x) / fpr_limit)
+
+
+def pixel_f1(maps, masks, threshold: float) -> dict[str, float]:
+    """Pixel precision, recall and F1 over all pixels of all maps at ``threshold``
+    (a pixel is flagged iff ``map >= threshold``); a 0/0 ratio is NaN."""
+    a, m = _maps_and_masks(maps, masks)
+    pred = a >= float(threshold)
+    tp = int(np.count_nonzero(pred & m))
+    fp = int(np.count_nonzero(pred & ~m))
+    fn = int(np.count_nonzero(m)) - tp
+    return {"pixel_precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "pixel_recall": tp / (tp + fn) if tp + fn else float("nan"),
+            "pixel_f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else float("nan")}
+
+
+def pixel_f1_max(maps, masks) -> float:
+    """The best pixel F1 over all thresholds: an **oracle** (it looks at these masks), as
+    anomalib's F1-max tuned on the test set; NaN without defect pixels. Exact: candidate
+    thresholds are the defect pixels' scores, counted against two sorted arrays (no sort of
+    every pixel with its label)."""
+    a, m = _maps_and_masks(maps, masks)
+    pos = np.sort(a[m], axis=None)
+    if pos.size == 0:
+        return float("nan")
+    neg = np.sort(a[~m], axis=None)
+    candidates = np.unique(pos)
+    tp = pos.size - np.searchsorted(pos, candidates, side="left")
+    fp = neg.size - np.searchsorted(neg, candidates, side="left")
+    return float(np.max(2 * tp / (tp + fp + pos.size)))
 
 
 # -- summaries -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from .catalog import Catalog
 from .config import ExtractConfig
 from .features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
 from .images import (DecodeError, DecodeLimits, apply_augmentation, decode_image, decode_mask,
-                     encode_mask_png, make_synthetic_anomaly, params_json, row_rng, sample_augmentation)
+                     encode_mask_png, image_dimensions, make_synthetic_anomaly, params_json, row_rng, sample_augmentation)
 from .errors import StorageUnavailable
 from .progress import Progress
 from .storage import Storage, join
@@ -93,17 +93,20 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
     limits = DecodeLimits(config.max_image_pixels, config.min_image_side)
     out: dict[str, list] = {k: [] for k in ("row_id", "image_id", "source_uri", "source_version", "category",
                                             "split", "label", "defect_type", "mask_uri", "variant", "aug_params", "status",
-                                            "error", "mask_png", "with_patches", "image")}
+                                            "error", "mask_png", "with_patches", "image", "source_height",
+                                            "source_width")}
     blank = np.zeros((size, size, 3), np.uint8)
     for i in range(len(batch["image_id"])):
         image_id, uri = str(batch["image_id"][i]), str(batch["uri"][i])
         variants = str(batch["variants"][i]).split(",")
         base_split, label = str(batch["split"][i]), int(batch["label"][i])
-        image, mask, error = None, None, ""
+        image, mask, error, source_hw = None, None, "", (0, 0)
         try:
-            image = decode_image(storage.read_bytes(uri), size, limits)
+            data = storage.read_bytes(uri)
+            image = decode_image(data, size, limits, config.resize_to)
+            source_hw = image_dimensions(data, limits)
             if label == 1 and batch["mask_uri"][i]:
-                mask = decode_mask(storage.read_bytes(str(batch["mask_uri"][i])), size)
+                mask = decode_mask(storage.read_bytes(str(batch["mask_uri"][i])), size, resize_to=config.resize_to)
         except DecodeError as exc:
             error = str(exc)
         except FileNotFoundError:
@@ -141,11 +144,15 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
             out["with_patches"].append(config.patch_maps == "all" or
                                        (config.patch_maps == "originals" and not variant.startswith("aug")))
             out["image"].append(pixels if pixels is not None else blank)
+            out["source_height"].append(source_hw[0])
+            out["source_width"].append(source_hw[1])
     result = {key: np.asarray(values, dtype=object) for key, values in out.items()
-              if key not in ("image", "label", "with_patches")}
+              if key not in ("image", "label", "with_patches", "source_height", "source_width")}
     result["image"] = np.stack(out["image"]) if out["image"] else np.zeros((0, size, size, 3), np.uint8)
     result["label"] = np.asarray(out["label"], dtype=np.int8)
     result["with_patches"] = np.asarray(out["with_patches"], dtype=bool)
+    for key in ("source_height", "source_width"):
+        result[key] = np.asarray(out[key], dtype=np.int32)
     return result
 
 
@@ -154,23 +161,27 @@ class Extractor:
     """Callable class for ``map_batches``: the model is built once per actor."""
 
     def __init__(self, backbone: str, weights, patch_dim: int | None, with_patches: bool,
-                 device: str = "cpu", threads: int | None = None):
+                 device: str = "cpu", threads: int | None = None, padim_channels: int | None = None):
         import torch
         if threads:
             torch.set_num_threads(threads)
         if hasattr(weights, "hex") and not isinstance(weights, (str, bytes)):  # a Ray ObjectRef
             import ray
             weights = ray.get(weights)
-        self.model = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim), device)
+        self.model = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim, padim_channels),
+                                        device)
         self.with_patches = with_patches
+        self.with_padim = with_patches and self.model.padim_channels > 0
         self.node = _current_node()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
         ok = np.asarray(batch["status"]) == "ok"
-        batch["pooled"], patches = embed_images(self.model, images, self.with_patches)
+        batch["pooled"], patches, padim = embed_images(self.model, images, self.with_patches, self.with_padim)
         if patches is not None:
             batch["patches"] = patches
+        if padim is not None:
+            batch["padim"] = padim
         batch["pooled"][~ok] = 0.0
         batch[NODE_COLUMN] = np.full(len(ok), self.node, dtype=object)
         return batch
@@ -228,7 +239,7 @@ class ExtractionWorker:
                  threads: int | None = None):
         self.config, self.storage, self.root, self.metadata = config, storage, root, metadata
         self.extractor = Extractor(config.backbone, weights, config.patch_dim, config.patch_maps != "none",
-                                   "cpu", threads)
+                                   "cpu", threads, config.padim_channels)
 
     def __call__(self, plan_rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = prepare_batch(plan_rows, self.config, self.storage)
@@ -261,8 +272,8 @@ def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_s
     spec = BACKBONES[config.backbone]
     return {
         **weights.identity(), "pretrained": weights.pretrained, "fingerprint": config.fingerprint(),
-        "image_size": config.image_size, "normalisation": {"mean": spec.mean, "std": spec.std},
-        "patch_layers": list(spec.patch_layers), "patch_dim": config.patch_dim, **probe_shapes,
+        "image_size": config.image_size, "resize_to": config.resize_to, "normalisation": {"mean": spec.mean, "std": spec.std},
+        "patch_layers": list(spec.patch_layers), "padim_layers": list(spec.padim_layers), "patch_dim": config.patch_dim, **probe_shapes,
         "config": config.model_dump(mode="json"),
         "versions": {"mvtec_ray": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
                      "ray": ray.__version__, "pyarrow": pyarrow.__version__, "scikit-learn": sklearn.__version__,
@@ -273,9 +284,11 @@ def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_s
 def probe_feature_shapes(config: ExtractConfig, weights: ResolvedWeights) -> dict:
     """Shapes of the feature columns, from one blank image (cheap; also validates the weights)."""
     import torch
-    model = FeatureExtractor(BACKBONES[config.backbone], weights.state_dict, config.patch_dim)
-    pooled, patches = model(torch.zeros((1, config.image_size, config.image_size, 3), dtype=torch.uint8))
-    return {"pooled_dim": int(pooled.shape[1]), "patch_shape": list(patches.shape[1:])}
+    model = FeatureExtractor(BACKBONES[config.backbone], weights.state_dict, config.patch_dim, config.padim_channels)
+    pooled, patches, padim = model(torch.zeros((1, config.image_size, config.image_size, 3), dtype=torch.uint8),
+                                   with_padim=True)
+    return {"pooled_dim": int(pooled.shape[1]), "patch_shape": list(patches.shape[1:]),
+            "padim_shape": list(padim.shape[1:]) if padim is not None else None}
 
 
 def _eligible_nodes(required: dict[str, float]) -> list[dict]:
@@ -440,6 +453,7 @@ def _staged_pipeline(ds, config: ExtractConfig, storage: Storage, out_dir: str, 
         Extractor, batch_size=config.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"backbone": config.backbone, "weights": weights_ref,
                                "patch_dim": config.patch_dim, "with_patches": config.patch_maps != "none",
+                               "padim_channels": config.padim_channels,
                                "device": resources["device"], "threads": resources["threads"]},
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],

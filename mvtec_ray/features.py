@@ -27,10 +27,17 @@ mask_uri    the ground-truth mask file of a real defect (empty otherwise)
 variant     ``orig``, ``aug<k>`` (augmented copy) or ``syn<k>`` (synthetic anomaly)
 aug_params  JSON of the exact transform / defect parameters
 status, error
-mask_png    PNG bytes of the defect mask at ``image_size`` (empty when none)
+mask_png    PNG bytes of the defect mask at ``image_size``, resized and cropped as the image (empty when none)
+source_height, source_width   int32: the source image's own size (0 if unreadable), for full-resolution pixel metrics
 pooled      fixed-shape tensor float32 (D,)
 patches     fixed-shape tensor float16 (H, W, C), null for rows without patch maps
+padim       fixed-shape tensor float16 (H1, W1, d): PaDiM's layer1-3 maps, null without patch maps (see below)
 ========== =========================================================================
+
+``padim`` holds the stride-4, -8 and -16 maps (ResNet layer1-3), the coarser ones upsampled to the
+stride-4 grid (nearest), restricted to a fixed random subset of ``d`` channels (see
+``backbones.FeatureExtractor``), computed in the same forward pass as ``patches``; the column is
+absent when ``padim_channels`` is 0.
 """
 from __future__ import annotations
 
@@ -52,7 +59,7 @@ EXTRACT_META = "_extract.json"
 SUCCESS = "_SUCCESS.json"
 METADATA_KEY = b"mvtec_ray"
 SPLITS = ("train", "val_good", "val_synthetic", "test")
-TENSOR_COLUMNS = ("pooled", "patches")
+TENSOR_COLUMNS = ("pooled", "patches", "padim")
 META_COLUMNS = ["row_id", "image_id", "source_uri", "source_version", "category", "split", "label",
                 "defect_type", "mask_uri", "variant", "aug_params", "status", "error"]
 
@@ -90,11 +97,15 @@ def build_table(batch: dict[str, np.ndarray], metadata: dict) -> pa.Table:
     columns = {name: pa.array(list(batch[name])) for name in META_COLUMNS}
     columns["label"] = pa.array(np.asarray(batch["label"], dtype=np.int8))
     columns["mask_png"] = pa.array([bytes(b) for b in batch["mask_png"]], type=pa.binary())
+    n = len(batch["row_id"])
+    for key in ("source_height", "source_width"):
+        columns[key] = pa.array(np.asarray(batch.get(key, np.zeros(n)), dtype=np.int32))
     ok = np.asarray(batch["status"]) == "ok"
     columns["pooled"] = tensor_array(np.asarray(batch["pooled"], dtype=np.float32), ok)
-    if "patches" in batch:
-        has_patches = ok & np.asarray(batch["with_patches"], bool)
-        columns["patches"] = tensor_array(np.asarray(batch["patches"], dtype=np.float16), has_patches)
+    for key in ("patches", "padim"):
+        if key in batch:
+            has_maps = ok & np.asarray(batch["with_patches"], bool)
+            columns[key] = tensor_array(np.asarray(batch[key], dtype=np.float16), has_maps)
     table = pa.table(columns)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
@@ -204,6 +215,14 @@ class FeatureSet:
                 self._first_rows[shard] = None if keep.all() else keep
         return self._first_rows.get(uri)
 
+    def _column_names(self, uri: str) -> set[str]:
+        fs, path = self.storage.resolve(uri)
+
+        def read() -> set[str]:
+            with fs.open_input_file(path) as handle:  # the footer only
+                return set(pq.ParquetFile(handle).schema_arrow.names)
+        return self.storage.retry(f"cannot read {uri}", read)
+
     def _row_ids_of(self, uri: str) -> list[str]:
         fs, path = self.storage.resolve(uri)
 
@@ -221,22 +240,28 @@ class FeatureSet:
                                              "defect_type", "status", "pooled"])
         return _by_split(table, "pooled", np.float32)
 
-    def iter_patches(self, category: str, split: str, with_masks: bool = False) -> Iterator[dict]:
-        """Shard by shard: {"X": (n, H, W, C) float16, "row_id", "label", ["masks"]} of ok rows."""
-        columns = ["row_id", "image_id", "source_uri", "mask_uri", "defect_type", "label", "status", "patches"] + (
-            ["mask_png"] if with_masks else [])
+    def iter_patches(self, category: str, split: str, with_masks: bool = False,
+                     column: str = "patches") -> Iterator[dict]:
+        """Shard by shard: {"X": (n, H, W, C) float16 of ``column`` (patches or padim), "row_id", "label",
+        ["mask_png", "source_hw"]} of ok rows."""
+        wanted = ["row_id", "image_id", "source_uri", "mask_uri", "defect_type", "label", "status", column] + (
+            ["mask_png", "source_height", "source_width"] if with_masks else [])
         for uri in self.shard_uris(category, split):
-            table = self._read_unique(uri, columns)
+            names = self._column_names(uri)
+            if column not in names:
+                raise UserError(f"features at {self.root} have no {column!r} column (extracted with "
+                                f"patch_maps=none, padim_channels=0 or an older version); extract again")
+            table = self._read_unique(uri, [c for c in wanted if c in names])
             keep = np.asarray(table.column("status").to_pylist()) == "ok"
-            if "patches" not in table.column_names or not keep.any():
+            if not keep.any():
                 continue
             table = table.filter(pa.array(keep))
-            has = np.asarray(table.column("patches").is_valid())
+            has = np.asarray(table.column(column).is_valid())
             if not has.all():
                 table = table.filter(pa.array(has))
             if table.num_rows == 0:
                 continue
-            item = {"X": tensor_to_numpy(table.column("patches")),
+            item = {"X": tensor_to_numpy(table.column(column)),
                     "row_id": np.asarray(table.column("row_id").to_pylist()),
                     "image_id": np.asarray(table.column("image_id").to_pylist(), dtype=object),
                     "source_uri": np.asarray(table.column("source_uri").to_pylist(), dtype=object),
@@ -245,6 +270,10 @@ class FeatureSet:
                     "label": np.asarray(table.column("label").to_numpy())}
             if with_masks:
                 item["mask_png"] = table.column("mask_png").to_pylist()
+                n = table.num_rows
+                item["source_hw"] = np.stack([
+                    np.asarray(table.column(c).to_numpy()) if c in table.column_names else np.zeros(n, np.int32)
+                    for c in ("source_height", "source_width")], axis=1)
             yield item
 
     def error_rows(self) -> pa.Table:
@@ -255,13 +284,14 @@ class FeatureSet:
 
 
 class PatchChunks:
-    """A re-iterable chunk source of patch maps for one (category, split), read shard by shard."""
+    """A re-iterable chunk source of patch maps (``column``: patches or padim) for one (category, split),
+    read shard by shard."""
 
-    def __init__(self, features: FeatureSet, category: str, split: str):
-        self.features, self.category, self.split = features, category, split
+    def __init__(self, features: FeatureSet, category: str, split: str, column: str = "patches"):
+        self.features, self.category, self.split, self.column = features, category, split, column
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for item in self.features.iter_patches(self.category, self.split):
+        for item in self.features.iter_patches(self.category, self.split, column=self.column):
             yield item["X"]
 
 

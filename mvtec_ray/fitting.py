@@ -19,14 +19,15 @@ import pandas as pd
 
 from .config import EvaluationConfig
 from .detectors import build_detector, detector_class
-from .evaluation import image_metrics, pixel_auroc, pro_score, threshold_for_rule
+from .evaluation import (choose_pixel_threshold, image_metrics, pixel_auroc, pixel_f1,
+                         pixel_f1_max, pro_score, threshold_for_rule)
 from .features import FeatureSet, PatchChunks
 from .model_store import save_model
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
 SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "input_uri", "label", "defect_type",
-                 "score", "threshold", "map_file", "mask_file"]
+                 "score", "threshold", "map_file", "mask_file", "pred_mask_file", "overlay_file"]
 
 
 @dataclass
@@ -114,11 +115,12 @@ def _finish(row: dict, detector, category: str, val_scores, val_labels, test: di
     return FitOutcome(row, scores)
 
 
-def _score_rows(category, detector_name, split, part: dict, scores, map_files=None) -> list[dict]:
+def _score_rows(category, detector_name, split, part: dict, scores, files: dict | None = None) -> list[dict]:
+    files = files or {}
     return [{"category": category, "detector": detector_name, "split": split, "image_id": part["image_id"][i],
              "row_id": part["row_id"][i], "input_uri": part["source_uri"][i], "label": int(part["label"][i]),
-             "defect_type": part["defect_type"][i], "score": float(scores[i]),
-             "map_file": map_files[i] if map_files else "", "mask_file": part["mask_uri"][i]}
+             "defect_type": part["defect_type"][i], "score": float(scores[i]), "mask_file": part["mask_uri"][i],
+             **{key: files[key][i] if key in files else "" for key in ("map_file", "pred_mask_file", "overlay_file")}}
             for i in range(len(scores))]
 
 
@@ -150,36 +152,63 @@ def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri
 
 def _fit_patches(features: FeatureSet, category, detector_name, params, evaluation, out_uri, storage, row,
                  metadata) -> FitOutcome:
+    from .images import decode_mask_png  # here, not at the top: it imports torchvision (~1 s per Ray worker)
+    from .pixel_eval import PixelProtocol, maps_at
     detector = build_detector(detector_name, **params)
-    train = PatchChunks(features, category, "train")
+    column = detector.feature_column
+    train = PatchChunks(features, category, "train", column)
+    val_good_parts = list(features.iter_patches(category, "val_good", with_masks=True, column=column))
     started = time.perf_counter()
     detector.fit(train)
     row["fit_seconds"] = time.perf_counter() - started
-    val_good_parts = list(features.iter_patches(category, "val_good"))
-    size = evaluation.pixel_eval_size
-    rows, val_scores, val_labels = [], [], []
+    input_size = int(metadata["image_size"])
+    protocol = PixelProtocol(evaluation.pixel_eval, evaluation.pixel_eval_size, input_size, metadata.get("resize_to"))
+    square = (input_size, input_size)
+    rows, val_scores, val_labels, val_maps, val_masks = [], [], [], [], []
     started = time.perf_counter()
-    for split, parts in (("val_good", val_good_parts), ("val_synthetic", features.iter_patches(category, "val_synthetic"))):
+    val_parts = (("val_good", val_good_parts),
+                 ("val_synthetic", features.iter_patches(category, "val_synthetic", with_masks=True, column=column)))
+    for split, parts in val_parts:
         for part in parts:
-            scores = detector.score(part["X"])
+            patch, scores = detector.patch_and_image_scores(part["X"])
             val_scores.append(scores)
             val_labels.append(part["label"])
+            val_maps.append(detector.maps_from_patch_scores(patch, square, input_size))
+            val_masks += [decode_mask_png(png) if png else np.zeros(square, bool) for png in part["mask_png"]]
             rows += _score_rows(category, detector_name, split, part, scores)
-    from .images import decode_mask_png  # here, not at the top: it imports torchvision (~1 s per Ray worker)
-    test_scores, test_labels, maps, masks, map_files = [], [], [], [], []
+    # the pixel threshold: from validation maps (synthetic defects' masks) alone, before any test mask is read
+    pixel_threshold = choose_pixel_threshold(np.concatenate(val_maps), np.stack(val_masks),
+                                             evaluation.normal_quantile) if val_maps else None
+    normal_range = _normal_range(val_maps, val_masks)
+    del val_maps, val_masks
+    test_scores, test_labels, maps, truths, overlay_jobs = [], [], [], [], []
     n_train = sum(len(c) for c in train)
-    for part in features.iter_patches(category, "test", with_masks=True):
-        scores, part_maps = _scores_and_maps(detector, part["X"], (size, size))
+    write = bool(out_uri and evaluation.save_maps)
+    for part in features.iter_patches(category, "test", with_masks=True, column=column):
+        patch, scores = detector.patch_and_image_scores(part["X"])
         test_scores.append(scores)
         test_labels.append(part["label"])
-        files = []
-        for i, image_id in enumerate(part["image_id"]):
-            maps.append(part_maps[i].astype(np.float32))
-            png = part["mask_png"][i]
-            masks.append(_resize_mask(decode_mask_png(png), size) if png else np.zeros((size, size), bool))
-            files.append(_save_map(storage, out_uri, detector_name, image_id, part_maps[i]) if out_uri and evaluation.save_maps else "")
+        part_truths = [protocol.ground_truth(storage, part["mask_uri"][i], part["mask_png"][i], part["source_hw"][i])
+                       for i in range(len(scores))]
+        part_maps = maps_at(detector, patch, [t.shape for t in part_truths], input_size)
+        files = {"map_file": [""] * len(scores), "pred_mask_file": [""] * len(scores),
+                 "overlay_file": [""] * len(scores)}
+        if write:
+            small = detector.maps_from_patch_scores(patch, (protocol.reduced_size,) * 2, input_size)
+            for i, image_id in enumerate(part["image_id"]):
+                files["map_file"][i] = _save_map(storage, out_uri, detector_name, image_id, small[i])
+                if pixel_threshold is not None:
+                    files["pred_mask_file"][i] = _save_predicted_mask(storage, out_uri, detector_name, image_id,
+                                                                      part_maps[i] >= pixel_threshold.value)
+        if out_uri and evaluation.overlays and pixel_threshold is not None:
+            from .overlays import overlay_name
+            for i, image_id in enumerate(part["image_id"]):
+                files["overlay_file"][i] = overlay_name(detector_name, image_id)
+                overlay_jobs.append((len(maps) + i, part["source_uri"][i], files["overlay_file"][i],
+                                     f"{image_id}  score {scores[i]:.4g}  (pixel threshold {pixel_threshold.value:.4g})"))
+        maps += part_maps
+        truths += part_truths
         rows += _score_rows(category, detector_name, "test", part, scores, files)
-    row["score_seconds"] = time.perf_counter() - started
     if not test_scores:
         raise ValueError(f"category {category} has no usable test patch features")
     test = {"label": np.concatenate(test_labels)}
@@ -188,10 +217,19 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     row.update(_counts({"train": n_train, "val_good": n_val_good,
                         "val_synthetic": int(sum(len(s) for s in val_scores) - n_val_good),
                         "test_good": int((test["label"] == 0).sum()), "test_defect": int((test["label"] == 1).sum())}))
-    maps_arr, masks_arr = np.stack(maps), np.stack(masks)
-    if masks_arr.any():
-        row["pixel_auroc"] = pixel_auroc(maps_arr, masks_arr)
-        row["pixel_pro"] = pro_score(maps_arr, masks_arr)
+    row["pixel_eval"] = protocol.label
+    if any(t.any() for t in truths):
+        row["pixel_auroc"] = pixel_auroc(maps, truths)
+        row["pixel_pro"] = pro_score(maps, truths)
+        row["pixel_f1_max"] = pixel_f1_max(maps, truths)  # oracle: uses the test masks
+        if pixel_threshold is not None:
+            row.update(pixel_f1(maps, truths, pixel_threshold.value))
+    if pixel_threshold is not None:
+        row.update(pixel_threshold=pixel_threshold.value, pixel_threshold_rule=pixel_threshold.rule)
+        if overlay_jobs:
+            _write_overlays(storage, out_uri, overlay_jobs, maps, truths, pixel_threshold.value, normal_range,
+                            input_size, metadata.get("resize_to"))
+    row["score_seconds"] = time.perf_counter() - started
     stats = getattr(detector, "fit_stats_", None)
     if stats:
         row["fit_peak_mb"] = float(stats.get("peak_rss_mb", stats.get("peak_mb", float("nan"))) or float("nan"))
@@ -200,15 +238,38 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     return _finish(row, detector, category, vs, vl, test, scores_all, evaluation, out_uri, storage, metadata, rows)
 
 
-def _scores_and_maps(detector, X, size):
-    if hasattr(detector, "score_with_maps"):
-        return detector.score_with_maps(X, size)
-    return detector.score(X), detector.anomaly_maps(X, size)
+def _normal_range(val_maps: list[np.ndarray], val_masks: list[np.ndarray]) -> tuple[float, float]:
+    """The overlays' colour range: from the median normal validation pixel to the highest pixel."""
+    if not val_maps:
+        return 0.0, 1.0
+    values = np.concatenate(val_maps)
+    normal = values[~np.stack(val_masks)]
+    low = float(np.median(normal)) if normal.size else float(values.min())
+    return low, float(values.max())
 
 
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+def _write_overlays(storage: Storage, out_uri: str, jobs: list, maps: list, truths: list, threshold: float,
+                    colour_range: tuple[float, float], input_size: int, resize_to: int | None) -> None:
+    from .images import DecodeError, decode_image
+    from .overlays import render_overlay
+    low = colour_range[0]
+    high = max(colour_range[1], max(float(maps[index].max()) for index, *_ in jobs))
+    for index, source_uri, relative, caption in jobs:
+        try:
+            image = decode_image(storage.read_bytes(source_uri), input_size, resize_to=resize_to)
+        except (DecodeError, FileNotFoundError) as exc:
+            log.warning("overlay of %s skipped: %s", source_uri, exc)
+            continue
+        png = render_overlay(image, truths[index], maps[index], threshold, low, high, caption)
+        storage.write_bytes(join(out_uri, relative), png)
+
+
+def _save_predicted_mask(storage: Storage, out_uri: str, detector_name: str, image_id: str, mask: np.ndarray) -> str:
+    from .images import encode_mask_png
+    from .overlays import overlay_name
+    relative = overlay_name(detector_name, image_id).replace("overlays/", "pred_masks/", 1)
+    storage.write_bytes(join(out_uri, relative), encode_mask_png(mask))
+    return relative
 
 
 def _save_map(storage: Storage, out_uri: str, detector_name: str, image_id: str, anomaly_map: np.ndarray) -> str:

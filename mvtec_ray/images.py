@@ -64,21 +64,56 @@ def _open(data: bytes, limits: DecodeLimits, what: str = "image") -> Image.Image
     return image
 
 
-def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def crop_offset(size: int, resize_to: int | None) -> int:
+    """First row/column of the centre crop of ``size`` from a ``resize_to`` square (0 without crop),
+    rounded as torchvision's ``center_crop``."""
+    return 0 if not resize_to or resize_to <= size else int(round((resize_to - size) / 2.0))
+
+
+def crop_box(height: int, width: int, size: int, resize_to: int | None) -> tuple[int, int, int, int]:
+    """The centre crop in a ``height`` x ``width`` original's own pixels: (top, left, bottom, right).
+
+    The model sees the crop of ``size`` from the image resized to ``resize_to``; its maps cover
+    this region of the original (and of its full-resolution mask)."""
+    if not resize_to or resize_to <= size:
+        return 0, 0, height, width
+    start = crop_offset(size, resize_to) / resize_to
+    stop = (crop_offset(size, resize_to) + size) / resize_to
+    return (int(round(height * start)), int(round(width * start)),
+            int(round(height * stop)), int(round(width * stop)))
+
+
+def centre_crop(array: np.ndarray, size: int, resize_to: int | None) -> np.ndarray:
+    offset = crop_offset(size, resize_to)
+    return array[offset:offset + size, offset:offset + size]
+
+
+def image_dimensions(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[int, int]:
+    """(height, width) of an image as decoded (EXIF orientation applied), from its header only."""
+    image = _open(data, limits)
+    width, height = image.size
+    return (width, height) if _orientation(image) in (5, 6, 7, 8) else (height, width)
+
+
+def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits(),
+                 resize_to: int | None = None) -> np.ndarray:
     """Bytes -> RGB uint8 array (size, size, 3), EXIF orientation applied.
 
-    Raises :class:`DecodeError` with a reason, and nothing else, whatever the bytes.
+    With ``resize_to``: resized to ``resize_to`` square, then the centre ``size`` square cropped
+    (the PatchCore / anomalib preprocessing). Raises :class:`DecodeError` with a reason, and
+    nothing else, whatever the bytes.
     """
     image = _open(data, limits)
+    full = max(size, resize_to or size)
     try:
         if image.format in ("JPEG", "MPO"):
-            image.draft("RGB", (size, size))  # decode JPEGs at reduced scale: faster, less memory
+            image.draft("RGB", (full, full))  # decode JPEGs at reduced scale: faster, less memory
         image.load()
         orientation = _orientation(image)
-        image = _small_rgb(image, size)  # shrink before any other full-size copy
+        image = _small_rgb(image, full)  # shrink before any other full-size copy
         if orientation in _ORIENTATION:
             image = image.transpose(_ORIENTATION[orientation])
-        array = np.asarray(image, dtype=np.uint8)
+        array = centre_crop(np.asarray(image, dtype=np.uint8), size, resize_to)
     except DecodeError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -90,13 +125,19 @@ def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits()) 
     return array
 
 
-def decode_mask(data: bytes, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Mask bytes -> bool array (size, size); nearest resampling keeps it binary."""
+def decode_mask(data: bytes, size: int | None, limits: DecodeLimits = DecodeLimits(),
+                resize_to: int | None = None) -> np.ndarray:
+    """Mask bytes -> bool array (size, size), resized and cropped as :func:`decode_image` does;
+    nearest resampling keeps it binary. ``size=None``: the mask at its own full resolution."""
     mask = _open(data, DecodeLimits(limits.max_pixels, 1), "mask")
     try:
         mask.load()
-        mask = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
-        return np.asarray(mask) > 127
+        mask = mask.convert("L")
+        if size is None:
+            return np.asarray(mask) > 127
+        full = max(size, resize_to or size)
+        mask = mask.resize((full, full), Image.Resampling.NEAREST)
+        return centre_crop(np.asarray(mask), size, resize_to) > 127
     except Exception as exc:  # noqa: BLE001 - any failure on untrusted bytes is a decode error
         raise DecodeError(f"unreadable mask: {_short(exc)}") from None
 

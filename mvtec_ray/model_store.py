@@ -8,8 +8,9 @@
 Loading (:func:`load_model`) refuses, with :class:`ModelMismatch` and a one-line message, a model
 whose model.json is malformed or names another category/detector, whose files were changed after
 saving, whose feature schema differs from what the caller expects (backbone, weights sha256, image
-size, patch_dim, pooled_dim, patch_shape), or that was saved with a different major version of a
-package that (de)serialises its state or computes its features (see :data:`MAJOR_MUST_MATCH`).
+size, resize_to, patch_dim, pooled_dim, patch_shape, padim_shape), or that was saved with a
+different major version of a package that (de)serialises its state or computes its features (see
+:data:`MAJOR_MUST_MATCH`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ MANIFEST = "manifest.json"
 #: bump when model.json changes incompatibly; loading refuses newer formats
 FORMAT_VERSION = 1
 #: what must match between a model and the features it scores
-SCHEMA_KEYS = ("backbone", "weights_sha256", "image_size", "patch_dim", "pooled_dim", "patch_shape")
+SCHEMA_KEYS = ("backbone", "weights_sha256", "image_size", "patch_dim", "pooled_dim", "patch_shape",
+               "padim_shape", "resize_to")
+#: the schema entry giving the shape of each feature column a detector can read
+COLUMN_SHAPE_KEY = {"pooled": "pooled_dim", "patches": "patch_shape", "padim": "padim_shape"}
 #: Version policy. A different MAJOR version of these refuses to load: they write or read the model
 #: files (skops/sklearn estimators, faiss indexes, npz, torch state_dicts) or compute the features, and
 #: a major release may change formats or numerics silently. A different minor version only warns
@@ -216,9 +220,10 @@ def load_model(storage: Storage, models_uri: str, category: str, detector_name: 
     # they are given, so only the spatial grid is compared here; whether the detector accepts the schema's
     # channels is what the probe checks, generically, by scoring an input of that shape.
     grid = getattr(detector, "grid_", None)
-    if grid is not None and schema.get("patch_shape") and list(grid)[:2] != list(schema["patch_shape"])[:2]:
-        raise ModelMismatch(f"model {where} was fitted on patch grid {list(grid)[:2]}, but its model.json says "
-                            f"patch_shape={schema['patch_shape']}")
+    shape_key = COLUMN_SHAPE_KEY.get(detector.feature_column, "patch_shape")
+    if grid is not None and schema.get(shape_key) and list(grid) != list(schema[shape_key]):
+        raise ModelMismatch(f"model {where} was fitted on patch grid {list(grid)}, but its model.json says "
+                            f"{shape_key}={schema[shape_key]}")
     if probe:
         _probe(detector, schema, where)
     return StoredModel(category, detector, info)
@@ -226,7 +231,7 @@ def load_model(storage: Storage, models_uri: str, category: str, detector_name: 
 
 def _probe(detector: Detector, schema: dict, where: str) -> None:
     if detector.input_kind == "patches":
-        shape, dtype = schema.get("patch_shape"), np.float16
+        shape, dtype = schema.get(COLUMN_SHAPE_KEY.get(detector.feature_column, "patch_shape")), np.float16
     else:
         shape, dtype = [schema.get("pooled_dim")], np.float32
     if not shape or any(not isinstance(s, int) or s <= 0 for s in shape):

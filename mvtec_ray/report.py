@@ -36,6 +36,18 @@ __all__ = ["write_report", "format_results_table", "results_markdown", "format_t
 DPI = 90
 MEAN = "mean"
 ORACLE_LABEL = "F1-max (oracle, tuned on test labels)"
+PIXEL_ORACLE_LABEL = "Pixel F1-max (oracle, tuned on test masks)"
+#: how pixel metrics are computed; shown in the report and stated in the README
+PIXEL_PROTOCOL = (
+    "Pixel metrics (AUROC, PRO up to 30% FPR, F1) pool every pixel of every test image. With pixel "
+    "evaluation \"full\" (the default, the MVTec AD protocol) each anomaly map is upsampled (bilinear) to its "
+    "ground-truth mask's own resolution, read from the mask file; with the centre-crop preprocessing "
+    "(extract.resize_to) the mask is cropped to the region the model saw. \"128px\" (or another size) means "
+    "maps and masks were both reduced to that square (faster; thin defects can vanish). Maps are smoothed "
+    "at the model's input resolution (Gaussian, sigma 4 px at 224 px, as PatchCore and anomalib), so they "
+    "do not depend on the evaluation size. The pixel threshold behind \"Pixel F1\" and the predicted masks is "
+    "chosen on validation maps only (held-out normals and synthetic defects with their masks), never on "
+    "test masks; the pixel F1-max beside it is an ORACLE tuned on the test masks.")
 THUMB = 192  # px, longest side of example thumbnails
 
 # (column, short terminal header, long HTML header)
@@ -47,12 +59,18 @@ _METRICS: list[tuple[str, str, str]] = [
     ("image_recall", "recall", "Recall @ threshold"),
     ("threshold", "thr", "Threshold"),
     ("image_f1_max", "f1_max*", ORACLE_LABEL),
+    ("pixel_eval", "px_eval", "Pixel evaluation"),
     ("pixel_auroc", "px_auroc", "Pixel AUROC"),
     ("pixel_pro", "px_pro", "Pixel PRO"),
+    ("pixel_f1", "px_f1", "Pixel F1 @ validation threshold"),
+    ("pixel_f1_max", "px_f1max*", PIXEL_ORACLE_LABEL),
     ("fit_seconds", "fit_s", "Fit (s)"),
 ]
+#: text-valued metric columns (shown as they are, not as numbers)
+_TEXT_METRICS = {"pixel_eval"}
 _COUNTS = ["n_train", "n_val_good", "n_val_synthetic", "n_test_good", "n_test_defect"]
-_TEXT_FOOTNOTE = "* f1_max is an ORACLE: threshold tuned on the test labels (upper bound, not deployable)."
+_TEXT_FOOTNOTE = ("* f1_max and px_f1max are ORACLES: thresholds tuned on the test labels / masks (upper bounds, "
+                  "not deployable). px_eval: full = maps at each ground-truth mask's resolution; Npx = reduced.")
 
 
 # ---------------------------------------------------------------------------
@@ -69,6 +87,12 @@ def _num(v: Any) -> float:
 def _fmt(v: Any, decimals: int = 3) -> str:
     f = _num(v)
     return "-" if not math.isfinite(f) else f"{f:.{decimals}f}"
+
+
+def _metric_text(r: pd.Series, col: str, decimals: int = 3) -> str:
+    if col in _TEXT_METRICS:
+        return _str_or_empty(r.get(col)) or "-"
+    return _fmt(r.get(col), decimals)
 
 
 def _fmt_int(v: Any) -> str:
@@ -124,7 +148,7 @@ def _table_rows(results: pd.DataFrame) -> tuple[list[str], list[list[str]], list
             rows.append(key + [""] * len(_METRICS))
             errors.append(f"ERROR: {_err_text(r, 40)}")
         else:
-            rows.append(key + [_fmt(r.get(col)) for col, _, _ in _METRICS])
+            rows.append(key + [_metric_text(r, col) for col, _, _ in _METRICS])
             errors.append(None)
     return header, rows, errors
 
@@ -709,7 +733,8 @@ def _long_table_html(results: pd.DataFrame) -> str:
             for col, _, _ in _METRICS:
                 v = _num(r.get(col))
                 style = f' style="background:{_auroc_colour(v)}"' if col == "image_auroc" else ""
-                cells.append(f'<td class="num"{style}>{_fmt(v, 1 if col == "fit_seconds" else 3)}</td>')
+                text = _esc(_metric_text(r, col, 1 if col == "fit_seconds" else 3))
+                cells.append(f'<td class="num"{style}>{text}</td>')
             cells += [f'<td class="num">{_fmt_int(r.get(c))}</td>' for c in counts]
         out.append(f"<tr{cls}>{''.join(cells)}</tr>")
     out.append("</tbody></table></div>")
@@ -803,7 +828,50 @@ def _read_parquet(run: _RunFolder, name: str, columns: Iterable[str]) -> pd.Data
 
 
 _SCORE_COLS = ["category", "detector", "split", "image_id", "input_uri", "label", "defect_type", "score",
-               "threshold", "map_file", "mask_file"]
+               "threshold", "map_file", "mask_file", "pred_mask_file", "overlay_file"]
+GALLERY = "overlays/index.html"
+
+
+def write_overlay_gallery(out_dir: Path, test: pd.DataFrame, results: pd.DataFrame) -> str | None:
+    """``OUT/overlays/index.html``: every test image's overlay, by detector and category, defects first
+    and by decreasing score; returns its path relative to ``out_dir`` (None without overlays)."""
+    files = test["overlay_file"].fillna("").astype(str)
+    shown = test[(files != "") & files.map(lambda f: (out_dir / f).is_file())]
+    if shown.empty:
+        return None
+    res_idx = {(r["category"], r["detector"]): r for _, r in results.iterrows()}
+    sections, nav = [], []
+    for (det, cat), group in shown.groupby(["detector", "category"], sort=True):
+        anchor = f"{det}-{cat}"
+        nav.append(f'<a href="#{_esc(anchor)}">{_esc(det)} / {_esc(cat)} ({len(group)})</a>')
+        r = res_idx.get((cat, det))
+        summary = ""
+        if r is not None:
+            summary = (f"pixel threshold {_fmt(r.get('pixel_threshold'), 4)} ({_esc(_str_or_empty(r.get('pixel_threshold_rule')))}); "
+                       f"pixel F1 {_fmt(r.get('pixel_f1'))}, oracle F1-max {_fmt(r.get('pixel_f1_max'))}; "
+                       f"pixel evaluation {_esc(_str_or_empty(r.get('pixel_eval')) or '-')}")
+        cells = []
+        for _, row in group.sort_values(["label", "score"], ascending=[False, False]).iterrows():
+            rel = str(row["overlay_file"]).split("/", 1)[1]  # relative to overlays/
+            flagged = _num(row["score"]) >= _num(row["threshold"])
+            truth = "defect" if int(row["label"]) == 1 else "good"
+            cells.append(f'<figure><a href="{_esc(rel)}"><img loading="lazy" src="{_esc(rel)}" alt="{_esc(row["image_id"])}"></a>'
+                         f'<figcaption>{_esc(row["image_id"])}<br>{truth}, score {_fmt(row["score"], 4)} '
+                         f'({"flagged" if flagged else "passed"})</figcaption></figure>')
+        sections.append(f'<h2 id="{_esc(anchor)}">{_esc(det)} / {_esc(cat)}</h2><p>{summary}</p>'
+                        f'<div class="gallery">{"".join(cells)}</div>')
+    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Overlays</title><style>"
+            "body{font-family:sans-serif;margin:16px}.gallery{display:flex;flex-wrap:wrap;gap:10px}"
+            "figure{margin:0;font-size:12px;max-width:100%}img{max-width:100%;border:1px solid #ddd}"
+            "nav a{margin-right:12px}</style></head><body><h1>Per-image overlays</h1>"
+            "<p>Panels: image (as the model saw it), ground truth (red), anomaly map, predicted outline (yellow: "
+            "map &ge; the pixel threshold chosen on validation; green: ground truth). Defects first, by "
+            "decreasing score. <a href=\"../report.html\">back to the report</a></p>"
+            f"<nav>{' '.join(nav)}</nav>{''.join(sections)}</body></html>\n")
+    path = out_dir / GALLERY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return GALLERY
 
 
 def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None) -> Path | str:
@@ -848,6 +916,14 @@ def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None)
     body.append(_tuning_html(results, out_dir))
     body.append("<h3>All metrics</h3>")
     body.append(_long_table_html(results))
+    if "pixel_eval" in results and results["pixel_eval"].notna().any():
+        body.append(f'<h3 id="pixel-protocol">Pixel evaluation protocol</h3><p class="note">{_esc(PIXEL_PROTOCOL)}</p>')
+    if "overlay_file" in test:
+        gallery = write_overlay_gallery(out_dir, test, results)
+        if gallery:
+            body.append(f'<p><b>Per-image overlays</b> (image, ground truth, anomaly map, predicted outline) of '
+                        f'every test image: <a href="{gallery}">{gallery}</a>, also as PNG files under '
+                        f'overlays/&lt;detector&gt;/; predicted masks under pred_masks/&lt;detector&gt;/.</p>')
 
     body.append('<h2 id="roc">ROC curves</h2>')
     if not test.empty:

@@ -190,7 +190,8 @@ class Scorer:
 
     def __init__(self, models_uri: str, pairs: list[tuple[str, str]], storage: Storage, backbone: str, weights,
                  patch_dim: int | None, map_size: int, threads: int | None = None, device: str = "cpu",
-                 expect: dict | None = None, versions: dict | None = None, scored_at: float = 0.0):
+                 expect: dict | None = None, versions: dict | None = None, scored_at: float = 0.0,
+                 padim_channels: int | None = None, input_size: int | None = None):
         import torch
         if threads:
             # Ray pins OMP to 1 thread in num_cpus=1 workers; set torch, faiss and BLAS explicitly
@@ -205,31 +206,35 @@ class Scorer:
         if hasattr(weights, "hex") and not isinstance(weights, (str, bytes)):
             import ray
             weights = ray.get(weights)
-        self.extractor = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim), device)
+        self.extractor = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim, padim_channels),
+                                            device)
         self.models: dict[str, list] = {}
         for category, name in pairs:
             model = load_model(storage, models_uri, category, name, expect=expect)
             if versions and versions.get(f"{category}/{name}") not in (None, model.version):
                 raise ModelMismatch(f"model {category}/{name} was replaced while the scoring job started; run again")
             self.models.setdefault(category, []).append(model)
-        self.need_patches = any(m.detector.input_kind == "patches" for ms in self.models.values() for m in ms)
+        columns = {m.detector.feature_column for ms in self.models.values() for m in ms}
+        self.need_patches, self.need_padim = "patches" in columns, "padim" in columns
         self.map_size = map_size
+        self.input_size = input_size
         self.scored_at = scored_at
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
         ok = np.asarray(batch["status"]) == "ok"
         categories = np.asarray(batch["category"]).astype(str)
-        pooled = patches = None
+        features = {}
         if ok.any():
-            pooled, patches = embed_images(self.extractor, images[ok], self.need_patches)
+            features["pooled"], features["patches"], features["padim"] = embed_images(
+                self.extractor, images[ok], self.need_patches, self.need_padim)
         # one detector call per (category, model) for the whole batch, not per image
         position = np.cumsum(ok) - 1
         per_row: dict[int, list] = {}
         for category in np.unique(categories[ok]):
             rows = np.flatnonzero(ok & (categories == category))
             for model in self.models[category]:
-                scores, maps = self._score(model, pooled, patches, position[rows])
+                scores, maps = self._score(model, features, position[rows])
                 for j, r in enumerate(rows):
                     per_row.setdefault(int(r), []).append((model, float(scores[j]),
                                                            None if maps is None else maps[j]))
@@ -255,14 +260,14 @@ class Scorer:
             np.zeros((0, self.map_size, self.map_size), np.float16)
         return result
 
-    def _score(self, model, pooled, patches, index):
+    def _score(self, model, features: dict, index):
         detector = model.detector
+        X = features[detector.feature_column][index]
         if detector.input_kind != "patches":
-            return detector.score(pooled[index]), None
-        X = patches[index]
+            return detector.score(X), None
         size = (self.map_size, self.map_size)
         if hasattr(detector, "score_with_maps"):
-            scores, maps = detector.score_with_maps(X, size)
+            scores, maps = detector.score_with_maps(X, size, self.input_size)
         else:
             scores, maps = detector.score(X), detector.anomaly_maps(X, size)
         return scores, maps.astype(np.float16)
@@ -391,12 +396,15 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     if weights.sha256 != schema["weights_sha256"]:
         raise ModelMismatch(f"backbone weights differ from the ones the models were fitted with "
                             f"(sha256 {weights.sha256[:12]} != {str(schema['weights_sha256'])[:12]})")
+    padim_shape = schema.get("padim_shape")
     extract_cfg = config.extract.model_copy(update={
         "backbone": schema["backbone"], "image_size": schema["image_size"], "patch_dim": schema.get("patch_dim"),
+        "resize_to": schema.get("resize_to"), "padim_channels": int(padim_shape[-1]) if padim_shape else 0,
         "holdout_fraction": 0.0, "synthetic_per_image": 0, "augment_copies": 0})
     # the features this job will compute, measured: a model.json edited to claim otherwise is refused
     expect = {"backbone": weights.backbone, "weights_sha256": weights.sha256, "image_size": extract_cfg.image_size,
-              "patch_dim": extract_cfg.patch_dim, **probe_feature_shapes(extract_cfg, weights)}
+              "patch_dim": extract_cfg.patch_dim, "resize_to": extract_cfg.resize_to,
+              **probe_feature_shapes(extract_cfg, weights)}
     versions = {}
     for c, d in pairs:  # one at a time: the driver never holds every model
         versions[f"{c}/{d}"] = load_model(storage, models_uri, c, d, expect=expect, probe=True).version
@@ -426,6 +434,7 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     resources = cluster_plan(extract_cfg)
     scorer_kwargs = {"models_uri": models_uri, "pairs": pairs, "backbone": schema["backbone"],
                      "weights": ray.put(weights.state_dict), "patch_dim": schema.get("patch_dim"),
+                     "padim_channels": extract_cfg.padim_channels, "input_size": extract_cfg.image_size,
                      "map_size": config.evaluation.pixel_eval_size, "threads": resources["threads"],
                      "device": resources["device"], "expect": expect, "versions": versions, "scored_at": scored_at}
     ds = ray.data.from_pandas_refs(blocks)

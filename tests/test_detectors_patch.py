@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 from mvtec_ray.detectors import REGISTRY
 from mvtec_ray.detectors.coreset import (ArrayChunks, coreset_size, covering_radius,
                                          greedy_kcenter, select_coreset)
-from mvtec_ray.detectors.patch import PaDiM, PatchCore, upsample_smooth
+from mvtec_ray.detectors.padim import PaDiM
+from mvtec_ray.detectors.patch import PatchCore, upsample_smooth
 
 H = W = 8
 C = 24

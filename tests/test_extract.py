@@ -48,7 +48,7 @@ def read_rows(features: FeatureSet) -> dict[str, dict]:
     patches = tensor_to_numpy(table.column("patches"))
     has_patches = np.asarray(table.column("patches").is_valid())
     rows = {}
-    for i, record in enumerate(table.drop_columns(["pooled", "patches"]).to_pylist()):
+    for i, record in enumerate(table.drop_columns(["pooled", "patches", "padim"]).to_pylist()):
         record["pooled"] = pooled[i]
         record["patches"] = patches[i] if has_patches[i] else None
         rows[record["row_id"]] = record
@@ -161,6 +161,8 @@ def test_shard_schema_and_metadata_as_documented(washer_run, lite0_weights):
     assert on_disk["fingerprint"] == CONFIG.fingerprint()
     patch_shape = [160 // 8, 160 // 8, 40 + 112]  # stride-8 grid, Lite0's blocks.2 + blocks.4 channels
     assert on_disk["patch_shape"] == patch_shape and on_disk["pooled_dim"] == 1280
+    padim_shape = [160 // 4, 160 // 4, 100]  # stride-4 grid, Lite0's 100 PaDiM channels of blocks.1 + .2 + .4
+    assert on_disk["padim_shape"] == padim_shape and on_disk["padim_layers"] == ["blocks.1", "blocks.2", "blocks.4"]
 
     for path in shards:
         schema = pq.read_schema(path)
@@ -172,10 +174,13 @@ def test_shard_schema_and_metadata_as_documented(washer_run, lite0_weights):
                 assert kind == pa.int8()
             elif name == "mask_png":
                 assert kind == pa.binary()
-            elif name in ("pooled", "patches"):
+            elif name in ("pooled", "patches", "padim"):
                 assert isinstance(kind, pa.FixedShapeTensorType), (name, kind)
-                expected = (pa.float32(), [1280]) if name == "pooled" else (pa.float16(), patch_shape)
+                expected = {"pooled": (pa.float32(), [1280]), "patches": (pa.float16(), patch_shape),
+                            "padim": (pa.float16(), padim_shape)}[name]
                 assert (kind.value_type, list(kind.shape)) == expected, name
+            elif name in ("source_height", "source_width"):
+                assert kind == pa.int32(), (name, kind)
             else:
                 assert kind == pa.string(), (name, kind)
 
@@ -238,7 +243,7 @@ def test_augmented_rows_trace_back_to_their_source(washer_run, lite0_weights):
             assert params, row["row_id"]
             source = decode_image(Path(row["source_uri"]).read_bytes(), 160)
             pixels = apply_augmentation(source, params)
-            pooled, _ = model(torch.from_numpy(pixels[None]), with_patches=False)
+            pooled = model(torch.from_numpy(pixels[None]), with_patches=False)[0]
             np.testing.assert_allclose(pooled[0].numpy(), row["pooled"], rtol=1e-5, atol=1e-6,
                                        err_msg=row["row_id"])
             assert not np.allclose(row["pooled"], original["pooled"], atol=1e-3), row["row_id"]
@@ -328,7 +333,7 @@ def test_weights_from_a_local_file_and_from_s3(ray_session, tmp_path, small_data
     row = read_rows(features)
     row = next(r for r in row.values() if r["split"] == "test")
     model = FeatureExtractor(BACKBONES["resnet18"], state)
-    pooled, _ = model(torch.from_numpy(decode_image(Path(row["source_uri"]).read_bytes(), 64)[None]))
+    pooled = model(torch.from_numpy(decode_image(Path(row["source_uri"]).read_bytes(), 64)[None]))[0]
     np.testing.assert_allclose(pooled[0].numpy(), row["pooled"], rtol=1e-4, atol=1e-5)
 
     s3_server["client"].upload_file(str(path), "mvtec", "weights/resnet18.pth")

@@ -74,7 +74,7 @@ def _edit(models: Path, fn, detectors=DETECTORS) -> None:
 @pytest.mark.parametrize("tamper, expected", [
     (lambda i: i["schema"].update(image_size=256), "patch_shape"),        # features would be 32x32
     (lambda i: i["schema"].update(patch_dim=64), "patch_shape"),          # features would have 64 channels
-    (lambda i: i["schema"].update(image_size=256, patch_shape=[32, 32, 152]), "patch grid"),
+    (lambda i: i["schema"].update(image_size=256, patch_shape=[32, 32, 152], padim_shape=[64, 64, 100]), "patch grid"),
     (lambda i: i["schema"].update(pooled_dim=640), "pooled_dim"),
     (lambda i: i["schema"].update(backbone="efficientnet_lite2"), "backbone='efficientnet_lite2'"),
     (lambda i: i["schema"].update(weights_sha256="0" * 64), "weights differ"),

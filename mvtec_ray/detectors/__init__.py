@@ -42,7 +42,7 @@ def available_detectors() -> list[str]:
 
 def _load_builtin() -> None:
     # Imported lazily so that importing the registry stays cheap (torch, faiss).
-    from . import patch, pooled  # noqa: F401
+    from . import padim, patch, pooled  # noqa: F401
 
 
 __all__ = ["Detector", "REGISTRY", "register", "detector_class", "build_detector",

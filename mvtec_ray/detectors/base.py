@@ -33,6 +33,8 @@ class Detector(ABC):
     name: ClassVar[str]
     #: which feature column the detector consumes: ``"pooled"`` or ``"patches"``
     input_kind: ClassVar[str] = "pooled"
+    #: the stored feature column it reads: ``"pooled"``, ``"patches"`` or ``"padim"`` (PaDiM's layer1-3 maps)
+    feature_column: ClassVar[str] = "pooled"
     #: whether :meth:`anomaly_maps` is implemented
     produces_maps: ClassVar[bool] = False
 

@@ -1,9 +1,10 @@
-"""Patch-level detectors: PatchCore (coreset memory bank) and PaDiM (per-position Gaussian).
+"""Patch-level detectors: the shared plumbing (patch scores -> anomaly maps) and PatchCore.
 
-Both consume patch maps ``(n, H, W, C)`` (``input_kind = "patches"``), given either as
-an ndarray or as a re-iterable chunk source (see :mod:`.coreset`), and never turn the
-whole input into one float32 array: everything runs chunk by chunk within
-``memory_budget_mb``. Scores: higher = more anomalous; image score = max patch score.
+Patch detectors consume maps ``(n, H, W, C)`` (``input_kind = "patches"``; the stored column
+is ``feature_column``), given either as an ndarray or as a re-iterable chunk source (see
+:mod:`.coreset`), and never turn the whole input into one float32 array: everything runs
+chunk by chunk within ``memory_budget_mb``. Scores: higher = more anomalous; image score =
+max patch score. PaDiM lives in :mod:`.padim`.
 """
 from __future__ import annotations
 
@@ -35,20 +36,32 @@ def _peak_rss_mb() -> float:
 
 
 def upsample_smooth(patch_scores: np.ndarray, output_size: tuple[int, int],
-                    sigma: float) -> np.ndarray:
-    """``(n, H, W)`` patch scores -> ``(n, h, w)`` float32: bilinear upsampling, then a
-    Gaussian blur with ``sigma`` in output pixels (reflect border, truncated at 4 sigma)."""
+                    sigma: float, input_size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """``(n, H, W)`` patch scores -> ``(n, h, w)`` float32 anomaly maps.
+
+    With ``input_size`` (the model's input image size): bilinear upsampling to the input size,
+    a Gaussian blur with ``sigma`` in *input* pixels (reflect border, truncated at 4 sigma:
+    sigma 4 at 224 px is PatchCore's and anomalib's kernel of 33), then bilinear resizing to
+    ``output_size``. The map then does not depend on the size it is evaluated at. Without
+    ``input_size``, ``sigma`` is in output pixels (upsample, then blur).
+    """
     h, w = (int(s) for s in output_size)
+    if input_size is None:
+        blur_size = (h, w)
+    else:
+        blur_size = (int(input_size), int(input_size)) if np.isscalar(input_size) else tuple(map(int, input_size))
     n = len(patch_scores)
     out = np.empty((n, h, w), dtype=np.float32)
-    step = max(1, (64 << 20) // max(1, h * w * 4))  # ~64 MiB of maps per step
+    step = max(1, (64 << 20) // max(1, max(h * w, blur_size[0] * blur_size[1]) * 4))  # ~64 MiB of maps per step
     for sl in iter_chunks(n, step):
         t = torch.from_numpy(np.ascontiguousarray(patch_scores[sl], dtype=np.float32))
-        up = F.interpolate(t[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        up = up.numpy()
+        up = F.interpolate(t[:, None], size=blur_size, mode="bilinear", align_corners=False)[:, 0].numpy()
         if sigma and sigma > 0:
             up = gaussian_filter(up, sigma=(0, float(sigma), float(sigma)), mode="reflect",
                                  truncate=4.0)
+        if blur_size != (h, w):
+            up = F.interpolate(torch.from_numpy(np.ascontiguousarray(up))[:, None], size=(h, w), mode="bilinear",
+                               align_corners=False)[:, 0].numpy()
         out[sl] = up
     return out
 
@@ -57,6 +70,7 @@ class _PatchDetector(Detector):
     """Shared plumbing: one pass computes patch scores; maps and image scores derive from it."""
 
     input_kind = "patches"
+    feature_column = "patches"
     produces_maps = True
 
     def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -66,20 +80,32 @@ class _PatchDetector(Detector):
     def patch_scores(self, X: Any) -> np.ndarray:
         return self._patch_scores(X)[0]
 
-    def score_with_maps(self, X: Any, output_size: tuple[int, int] | None = None
-                        ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image scores and (if ``output_size``) anomaly maps from a single search."""
+    def patch_and_image_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(patch scores (n, H, W), image scores (n,))`` from one pass; maps follow from
+        :meth:`maps_from_patch_scores` at any size."""
+        return self._patch_scores(X)
+
+    def score_with_maps(self, X: Any, output_size: tuple[int, int] | None = None,
+                        input_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image scores and (if ``output_size``) anomaly maps from a single search.
+
+        ``input_size``: the model's input size; ``smoothing_sigma`` is then in input pixels and
+        the maps do not depend on ``output_size`` (see :func:`upsample_smooth`)."""
         patch, image = self._patch_scores(X)
         maps = None
         if output_size is not None:
-            maps = upsample_smooth(patch, output_size, self.params["smoothing_sigma"])
+            maps = self.maps_from_patch_scores(patch, output_size, input_size)
         return image, maps
+
+    def maps_from_patch_scores(self, patch: np.ndarray, output_size: tuple[int, int],
+                               input_size: int | None = None) -> np.ndarray:
+        return upsample_smooth(patch, output_size, self.params["smoothing_sigma"], input_size)
 
     def score(self, X: Any) -> np.ndarray:
         return self.score_with_maps(X, None)[0]
 
-    def anomaly_maps(self, X: Any, output_size: tuple[int, int]) -> np.ndarray:
-        maps = self.score_with_maps(X, output_size)[1]
+    def anomaly_maps(self, X: Any, output_size: tuple[int, int], input_size: int | None = None) -> np.ndarray:
+        maps = self.score_with_maps(X, output_size, input_size)[1]
         assert maps is not None
         return maps
 
@@ -130,7 +156,7 @@ class PatchCore(_PatchDetector):
             "nlist": 0,                  # IVF lists; 0 = about sqrt(bank size)
             "nprobe": 8,
             "memory_budget_mb": 1024,
-            "smoothing_sigma": 4.0,
+            "smoothing_sigma": 4.0,      # in input-image pixels (PatchCore / anomalib: 4 at 224 px)
             "use_gpu": "auto",
             "coreset_threads": 1,        # CPU threads for the greedy loop; 0 = torch's setting
         }
@@ -266,136 +292,4 @@ class PatchCore(_PatchDetector):
         self.grid_ = tuple(int(v) for v in arrays["grid"])  # type: ignore[assignment]
         self.coreset_indices_ = arrays["coreset_indices"]
         self._set_index(faiss.read_index(str(directory / "memory_bank.faiss")))
-        self._load_stats(directory)
-
-
-# -- PaDiM ----------------------------------------------------------------------
-@register
-class PaDiM(_PatchDetector):
-    """PaDiM (Defard et al., 2020): a Gaussian per patch position over a random channel subset.
-
-    Anomaly map: Mahalanobis distance per position. Image score: max over positions.
-    Covariance: sample covariance, optionally shrunk towards ``trace/d * I`` by
-    ``shrinkage``, plus ``eps * I`` (0.01 in the paper).
-    """
-
-    name = "padim"
-
-    @classmethod
-    def default_params(cls) -> dict[str, Any]:
-        return {
-            "n_features": 100,
-            "seed": 0,
-            "eps": 0.01,
-            "shrinkage": 0.0,
-            "memory_budget_mb": 1024,
-            "smoothing_sigma": 4.0,
-            "use_gpu": "auto",
-        }
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        if not 0.0 <= float(self.params["shrinkage"]) <= 1.0:
-            raise ValueError("padim: shrinkage must be in [0, 1]")
-        if int(self.params["n_features"]) < 1:
-            raise ValueError("padim: n_features must be >= 1")
-        self._device = resolve_torch_device(self.params["use_gpu"])
-        self.grid_: tuple[int, int, int] | None = None
-        self.channels_: np.ndarray | None = None
-        self.mean_: np.ndarray | None = None      # (H*W, d) float32
-        self.inv_cov_: np.ndarray | None = None   # (H*W, d, d) float32
-        self.fit_stats_: dict[str, Any] = {}
-        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _pick_channels(self, C: int) -> np.ndarray:
-        d = min(C, int(self.params["n_features"]))
-        rng = np.random.default_rng(int(self.params["seed"]))
-        self.channels_ = np.sort(rng.choice(C, size=d, replace=False)).astype(np.int64)
-        return self.channels_
-
-    def fit(self, X: Any, X_val: Any = None) -> "PaDiM":
-        t0 = time.perf_counter()
-        dev = self._device
-        self.channels_ = None
-        n = 0
-        s1 = s2 = None
-        grid = None
-        max_chunk = 0
-        # float32 copy + float64 copy + permuted float64 copy per value
-        for chunk in iter_budget_chunks(X, budget_bytes(self.params["memory_budget_mb"]),
-                                        bytes_per_value=24, channels=self._pick_channels):
-            m, H, W, d = chunk.shape
-            if grid is None:
-                grid = (H, W, len(self.channels_) if self.channels_ is not None else d)
-                s1 = torch.zeros(H * W, d, dtype=torch.float64, device=dev)
-                s2 = torch.zeros(H * W, d, d, dtype=torch.float64, device=dev)
-            max_chunk = max(max_chunk, chunk.nbytes)
-            x = torch.from_numpy(chunk).to(dev, torch.float64).reshape(m, H * W, d).transpose(0, 1)
-            s1 += x.sum(1)
-            s2.baddbmm_(x.transpose(1, 2), x)  # sum of outer products per position
-            n += m
-            del x
-        if grid is None:
-            raise ValueError("padim: no patch maps to fit on (empty input)")
-        d = s1.shape[1]
-        mean = s1 / n
-        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / max(n - 1, 1)
-        eye = torch.eye(d, dtype=torch.float64, device=dev)
-        a = float(self.params["shrinkage"])
-        if a > 0:
-            scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1)[:, None, None]
-            cov = (1 - a) * cov + a * scale * eye
-        cov = cov + float(self.params["eps"]) * eye
-        inv = torch.linalg.inv(cov)
-        inv = 0.5 * (inv + inv.transpose(1, 2))  # exact symmetry keeps distances >= 0
-        self.grid_ = (grid[0], grid[1], int(len(self.channels_)))
-        self.mean_ = mean.float().cpu().numpy()
-        self.inv_cov_ = inv.float().cpu().numpy()
-        self._on_device = None
-        self.fit_stats_ = {
-            "n_images": int(n), "n_features": int(d), "grid": list(grid[:2]),
-            "fit_seconds": time.perf_counter() - t0, "max_chunk_bytes": int(max_chunk),
-            "state_bytes": int(self.mean_.nbytes + self.inv_cov_.nbytes),
-            "peak_rss_mb": _peak_rss_mb(), "device": dev.type,
-        }
-        return self
-
-    def _params_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._on_device is None:
-            self._on_device = (torch.from_numpy(self.mean_).to(self._device),
-                               torch.from_numpy(self.inv_cov_).to(self._device))
-        return self._on_device
-
-    def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
-        self._check_fitted()
-        mean, inv = self._params_on_device()
-        H0, W0, d = self.grid_
-        parts: list[np.ndarray] = []
-        for chunk in iter_budget_chunks(X, budget_bytes(self.params["memory_budget_mb"]),
-                                        bytes_per_value=16, channels=self.channels_):
-            m, H, W, _ = chunk.shape
-            if (H, W) != (H0, W0):
-                raise ValueError(f"padim fitted on a {H0}x{W0} grid, got {H}x{W}")
-            x = torch.from_numpy(chunk).to(self._device).reshape(m, H * W, d).transpose(0, 1)
-            delta = x - mean[:, None, :]                 # (HW, m, d)
-            md2 = (torch.bmm(delta, inv) * delta).sum(-1)  # (HW, m)
-            parts.append(md2.clamp_min_(0).sqrt_().t().reshape(m, H, W).cpu().numpy())
-        if not parts:
-            raise ValueError("padim: nothing to score (empty input)")
-        patch = np.concatenate(parts).astype(np.float32, copy=False)
-        return patch, patch.reshape(len(patch), -1).max(1).astype(np.float64)
-
-    def _save_state(self, directory: Path) -> None:
-        self._check_fitted()
-        save_arrays(directory / "state.npz", grid=np.asarray(self.grid_, dtype=np.int64),
-                    channels=self.channels_, mean=self.mean_, inv_cov=self.inv_cov_)
-        self._save_stats(directory)
-
-    def _load_state(self, directory: Path) -> None:
-        arrays = load_arrays(directory / "state.npz")
-        self.grid_ = tuple(int(v) for v in arrays["grid"])  # type: ignore[assignment]
-        self.channels_ = arrays["channels"]
-        self.mean_ = arrays["mean"].astype(np.float32, copy=False)
-        self.inv_cov_ = arrays["inv_cov"].astype(np.float32, copy=False)
-        self._on_device = None
         self._load_stats(directory)
