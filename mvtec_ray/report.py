@@ -832,11 +832,13 @@ _SCORE_COLS = ["category", "detector", "split", "image_id", "input_uri", "label"
 GALLERY = "overlays/index.html"
 
 
-def write_overlay_gallery(out_dir: Path, test: pd.DataFrame, results: pd.DataFrame) -> str | None:
-    """``OUT/overlays/index.html``: every test image's overlay, by detector and category, defects first
-    and by decreasing score; returns its path relative to ``out_dir`` (None without overlays)."""
+def write_overlay_gallery(run, test: pd.DataFrame, results: pd.DataFrame) -> str | None:
+    """``OUT/overlays/index.html`` (``run``: the run folder, local or ``s3://``): every test image's overlay,
+    by detector and category, defects first and by decreasing score; returns its path relative to the
+    run folder (None without overlays)."""
+    run = run if isinstance(run, _RunFolder) else _RunFolder(run)
     files = test["overlay_file"].fillna("").astype(str)
-    shown = test[(files != "") & files.map(lambda f: (out_dir / f).is_file())]
+    shown = test[(files != "") & files.map(lambda f: bool(f) and run.storage.exists(join(run.uri, f)))]
     if shown.empty:
         return None
     res_idx = {(r["category"], r["detector"]): r for _, r in results.iterrows()}
@@ -868,9 +870,7 @@ def write_overlay_gallery(out_dir: Path, test: pd.DataFrame, results: pd.DataFra
             "map &ge; the pixel threshold chosen on validation; green: ground truth). Defects first, by "
             "decreasing score. <a href=\"../report.html\">back to the report</a></p>"
             f"<nav>{' '.join(nav)}</nav>{''.join(sections)}</body></html>\n")
-    path = out_dir / GALLERY
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    run.write(GALLERY, page.encode("utf-8"))
     return GALLERY
 
 
@@ -919,7 +919,7 @@ def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None)
     if "pixel_eval" in results and results["pixel_eval"].notna().any():
         body.append(f'<h3 id="pixel-protocol">Pixel evaluation protocol</h3><p class="note">{_esc(PIXEL_PROTOCOL)}</p>')
     if "overlay_file" in test:
-        gallery = write_overlay_gallery(out_dir, test, results)
+        gallery = write_overlay_gallery(run, test, results)
         if gallery:
             body.append(f'<p><b>Per-image overlays</b> (image, ground truth, anomaly map, predicted outline) of '
                         f'every test image: <a href="{gallery}">{gallery}</a>, also as PNG files under '
