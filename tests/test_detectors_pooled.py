@@ -192,7 +192,7 @@ def test_autoencoder_seeded_early_stopped_and_side_effect_free(data):
     # without X_val: seeded 10% split of the training set, still deterministic
     b1 = REGISTRY["autoencoder"](**params).fit(train)
     b2 = REGISTRY["autoencoder"](**params).fit(train)
-    assert b1.fit_info_["monitor"] == "val"
+    assert b1.fit_info_["monitor"] == f"train_holdout_{round(0.1 * len(train))}"
     np.testing.assert_array_equal(b1.score(test), b2.score(test))
 
 
