@@ -230,7 +230,7 @@ def format_tuning_table(results: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _tuning_html(results: pd.DataFrame, out_dir: Path) -> str:
+def _tuning_html(results: pd.DataFrame, run: "_RunFolder") -> str:
     rows = _tuning_rows(results)
     if not rows:
         return ""
@@ -238,9 +238,9 @@ def _tuning_html(results: pd.DataFrame, out_dir: Path) -> str:
                    f"<td class=\"num\">{_fmt(b - a)}</td><td class=\"num\">{c}/{n}</td></tr>"
                    for d, a, b, c, n in rows)
     details = ""
-    search_path = out_dir / "search.parquet"
-    if search_path.is_file():
-        search = pd.read_parquet(search_path)
+    search_bytes = run.read("search.parquet")
+    if search_bytes:
+        search = pd.read_parquet(io.BytesIO(search_bytes))
         chosen = search[search["chosen"]]
         default = search[search["trial"] == 0].set_index(["category", "detector"])["val_auroc"]
         trials = search.groupby(["category", "detector"]).size()
@@ -913,7 +913,7 @@ def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None)
     if "pixel_auroc" in results and pd.to_numeric(results["pixel_auroc"], errors="coerce").notna().any():
         body.append(_pivot_html(results, "pixel_auroc", "Pixel AUROC (detectors with anomaly maps)",
                                 detectors, categories))
-    body.append(_tuning_html(results, out_dir))
+    body.append(_tuning_html(results, run))
     body.append("<h3>All metrics</h3>")
     body.append(_long_table_html(results))
     if "pixel_eval" in results and results["pixel_eval"].notna().any():

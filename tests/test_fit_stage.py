@@ -45,7 +45,8 @@ def write_store(root, seed: int = 0, shuffle_test_labels: bool = False, patches:
     out = join(str(root), "fp0")
     metadata = {"backbone": "handmade", "weights": "none", "weights_sha256": "", "pretrained": False,
                 "fingerprint": "fp0", "image_size": 32, "pooled_dim": DIM,
-                "patch_shape": list(GRID) if patches else None, "patch_dim": None}
+                "patch_shape": list(GRID) if patches else None, "padim_shape": list(GRID) if patches else None,
+                "patch_dim": None}
     for c, category in enumerate(CATEGORIES):
         rng = np.random.default_rng([seed, c])
         center = rng.uniform(0, 3, DIM)
@@ -55,8 +56,9 @@ def write_store(root, seed: int = 0, shuffle_test_labels: bool = False, patches:
                 order = np.random.default_rng(99).permutation(n)
                 part["label"], part["defect_type"] = part["label"][order], list(np.asarray(part["defect_type"])[order])
             batch = {k: np.asarray(v, dtype=object) for k, v in part.items() if k not in ("label", "pooled", "patches")}
-            if patches:
-                batch.update(patches=part["patches"], with_patches=np.ones(n, bool))
+            if patches:  # PaDiM reads its own column: the same maps here
+                batch.update(patches=part["patches"], padim=part["patches"], with_patches=np.ones(n, bool),
+                             source_height=np.full(n, 32, np.int32), source_width=np.full(n, 32, np.int32))
             batch.update(label=part["label"], pooled=part["pooled"], category=np.full(n, category, dtype=object),
                          status=np.full(n, "ok", dtype=object), mask_png=np.full(n, b"", dtype=object))
             batch["source_uri"] = batch["image_id"]

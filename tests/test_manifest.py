@@ -161,7 +161,7 @@ def test_manifest_run_gives_the_folder_table(one_category, folder_run, tmp_path)
     sa, sb = (o.scores.sort_values(keys, ignore_index=True) for o in (folder_run, by_manifest))
     assert list(sa["image_id"]) == list(sb["image_id"]) and len(sa) > 0
     np.testing.assert_allclose(sa["score"], sb["score"], rtol=1e-4, atol=1e-6)
-    assert sb["path"].str.contains("/flat/files/img_").all()
+    assert sb["input_uri"].str.contains("/flat/files/img_").all()
 
 
 # -- search and the false-alarm budget on a whole run (here: the folder run's features, no second extraction)
