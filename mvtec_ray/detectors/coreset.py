@@ -189,6 +189,109 @@ def _greedy_loop(Zt, norms, mind, buf, selected, idx, neg_inf) -> None:
             idx = torch.argmax(mind).view(1)
 
 
+# -- sharded (composable) greedy ------------------------------------------------
+def plan_shards(n: int, shard_patches: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced ``[lo, hi)`` column ranges of at most ``shard_patches`` (0: one shard)."""
+    if n < 1:
+        raise ValueError("no patches to shard")
+    n_shards = 1 if not shard_patches or shard_patches >= n else math.ceil(n / int(shard_patches))
+    edges = np.linspace(0, n, n_shards + 1).round().astype(np.int64)
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def split_count(total: int, sizes: Sequence[int]) -> list[int]:
+    """``total`` centres shared in proportion to ``sizes`` (largest remainder), each in [1, size]."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    exact = total * sizes / sizes.sum()
+    counts = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - counts), kind="stable")[:total - int(counts.sum())]:
+        counts[i] += 1
+    return [int(c) for c in np.clip(counts, 1, sizes)]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's greedy: pure data, so it can run in this process or in a Ray task."""
+
+    lo: int
+    hi: int
+    n_centres: int
+    start: int           # local index of the first centre
+    threads: int | None = 1
+
+
+def shard_jobs(n: int, ratio: float, shard_patches: int, oversample: float, seed: int,
+               threads: int | None = 1) -> list[ShardJob]:
+    """The per-shard greedy runs of a sharded coreset (see :func:`sharded_kcenter`)."""
+    bounds = plan_shards(n, shard_patches)
+    per_shard_total = coreset_size(n, min(1.0, ratio * max(1.0, float(oversample))))
+    counts = split_count(per_shard_total, [hi - lo for lo, hi in bounds])
+    rng = np.random.default_rng(seed)
+    return [ShardJob(lo, hi, k, int(rng.integers(hi - lo)), threads)
+            for (lo, hi), k in zip(bounds, counts)]
+
+
+def run_shard_job(Zt_shard: torch.Tensor | np.ndarray, job: ShardJob,
+                  device: torch.device | str | None = None) -> np.ndarray:
+    """Greedy k-center on one shard's columns ``(d, hi - lo)``, on ``device`` if given
+    (e.g. a GPU: the distance updates then run there); returns *global* column indices."""
+    if isinstance(Zt_shard, np.ndarray):
+        Zt_shard = torch.from_numpy(Zt_shard)
+    if device is not None:
+        Zt_shard = Zt_shard.to(device)
+    if Zt_shard.shape[1] != job.hi - job.lo:
+        raise ValueError(f"shard has {Zt_shard.shape[1]} columns, job wants {job.hi - job.lo}")
+    if job.n_centres >= Zt_shard.shape[1]:
+        local = np.arange(Zt_shard.shape[1], dtype=np.int64)
+    else:
+        local = greedy_kcenter(Zt_shard, job.n_centres, job.start, job.threads).cpu().numpy()
+    return local + job.lo
+
+
+def merge_shards(Zt: torch.Tensor, picked: Sequence[np.ndarray], n_centres: int, seed: int,
+                 threads: int | None = 1) -> np.ndarray:
+    """Composable coreset merge: greedy k-center over the union of the shards' centres."""
+    union = np.concatenate(list(picked))
+    if len(union) <= n_centres:
+        return union
+    sub = Zt.index_select(1, torch.from_numpy(union).to(Zt.device)).contiguous()
+    start = int(np.random.default_rng(seed).integers(len(union)))
+    return union[greedy_kcenter(sub, n_centres, start, threads).cpu().numpy()]
+
+
+#: runs a list of shard jobs on the columns of ``Zt``; the default is in-process, in order
+ShardRunner = Callable[[torch.Tensor, Sequence[ShardJob]], list[np.ndarray]]
+
+
+def run_shards_here(Zt: torch.Tensor, jobs: Sequence[ShardJob]) -> list[np.ndarray]:
+    # a contiguous copy per shard: gemv on a column slice of the full matrix is much slower
+    return [run_shard_job(Zt[:, job.lo:job.hi].contiguous(), job) for job in jobs]
+
+
+def sharded_kcenter(Zt: torch.Tensor, ratio: float, shard_patches: int, seed: int,
+                    oversample: float = 1.0, threads: int | None = 1,
+                    runner: ShardRunner | None = None) -> np.ndarray:
+    """Greedy k-center per contiguous shard of ``shard_patches`` columns, then a merge.
+
+    With ``oversample == 1`` each shard keeps its share of ``ratio`` and the union is the
+    coreset: time ``n * ratio * shard_patches * d``, linear in ``n`` for a fixed shard size.
+    With ``oversample > 1`` each shard keeps ``oversample`` times its share and a greedy
+    over the union picks the final ``ratio * n`` (closer to the single greedy, but the merge
+    grows with the square of the coreset). ``shard_patches == 0`` (or >= n) is the exact
+    single greedy. The covering radius of the union is the largest of the shards'.
+    """
+    n = Zt.shape[1]
+    n_centres = coreset_size(n, ratio)
+    if len(plan_shards(n, shard_patches)) == 1:
+        start = int(np.random.default_rng(seed).integers(n))  # the single greedy, as before
+        if n_centres == n:
+            return np.arange(n, dtype=np.int64)
+        return greedy_kcenter(Zt, n_centres, start, threads).cpu().numpy()
+    jobs = shard_jobs(n, ratio, shard_patches, oversample, seed, threads)
+    picked = (runner or run_shards_here)(Zt, jobs)
+    return merge_shards(Zt, picked, n_centres, seed + 1, threads)
+
+
 def covering_radius(Z: np.ndarray, centres: np.ndarray) -> float:
     """max over points of the distance to the nearest centre (brute force, small inputs)."""
     Z = np.asarray(Z, dtype=np.float64)
@@ -294,9 +397,12 @@ def gather_rows(X: Any, indices: np.ndarray, n_cols: int, max_bytes: int) -> np.
 
 def select_coreset(X: Any, ratio: float = 0.1, projection_dim: int = 128, seed: int = 0,
                    memory_budget_mb: float = 1024, device: torch.device | str = "cpu",
-                   threads: int | None = 1) -> CoresetResult:
+                   threads: int | None = 1, shard_patches: int = 0, oversample: float = 1.0,
+                   runner: ShardRunner | None = None) -> CoresetResult:
     """Streaming PatchCore coreset: project (pass 1), greedy k-center, gather (pass 2).
 
+    ``shard_patches`` / ``oversample``: see :func:`sharded_kcenter`; ``runner`` runs the
+    shard greedies elsewhere (e.g. as Ray tasks, :mod:`mvtec_ray.coreset_tasks`).
     ``memory_budget_mb`` bounds each float32 chunk made from the input. On top of it
     live the projected matrix (``n_patches x projection_dim`` float32) and the bank
     (``n_coreset x C`` float32); with ``projection_dim >= C`` nothing is projected and
@@ -309,11 +415,7 @@ def select_coreset(X: Any, ratio: float = 0.1, projection_dim: int = 128, seed: 
     t1 = time.perf_counter()
     n = Zt.shape[1]
     n_centres = coreset_size(n, ratio)
-    start = int(np.random.default_rng(seed).integers(n))
-    if n_centres == n:
-        indices = np.arange(n, dtype=np.int64)
-    else:
-        indices = greedy_kcenter(Zt, n_centres, start, threads).cpu().numpy()
+    indices = sharded_kcenter(Zt, ratio, shard_patches, seed, oversample, threads, runner)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -325,6 +427,7 @@ def select_coreset(X: Any, ratio: float = 0.1, projection_dim: int = 128, seed: 
         "projection_dim": int(min(projection_dim or grid[2], grid[2])),
         "projection_seconds": t1 - t0, "greedy_seconds": t2 - t1, "gather_seconds": t3 - t2,
         "coreset_seconds": t3 - t0, "bank_bytes": int(bank.nbytes),
+        "n_shards": len(plan_shards(n, shard_patches)), "oversample": float(oversample),
         "full_float32_bytes": int(n * grid[2] * 4), "device": device.type,
     })
     return CoresetResult(indices=indices, bank=bank, grid=grid, n_images=n_images, stats=stats)

@@ -152,20 +152,29 @@ class PatchCore(_PatchDetector):
             "k": 1,
             "reweight": False,
             "reweight_neighbors": 9,     # b in the paper's reweighting
-            "index": "flat",             # "flat" (exact) or "ivf" (approximate, big banks)
+            # "auto": exact below ivf_min_bank bank rows, IVF above; "flat" (exact) or "ivf"
+            "index": "auto",
+            "ivf_min_bank": 100_000,
             "nlist": 0,                  # IVF lists; 0 = about sqrt(bank size)
             "nprobe": 8,
             "memory_budget_mb": 1024,
             "smoothing_sigma": 4.0,      # in input-image pixels (PatchCore / anomalib: 4 at 224 px)
             "use_gpu": "auto",
             "coreset_threads": 1,        # CPU threads for the greedy loop; 0 = torch's setting
+            # greedy per shard of this many patches, then merged (linear time); 0 = one greedy
+            "coreset_shard_patches": 4096,
+            "coreset_oversample": 1.0,   # > 1: shards keep more, a greedy over the union picks
+            "coreset_ray_tasks": False,  # run the shard greedies as Ray tasks (needs Ray)
+            "coreset_task_gpus": 0.0,    # GPUs each shard task asks for (distance updates on GPU)
         }
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         p = self.params
-        if p["index"] not in ("flat", "ivf"):
-            raise ValueError(f"patchcore: index must be 'flat' or 'ivf', got {p['index']!r}")
+        if p["index"] not in ("auto", "flat", "ivf"):
+            raise ValueError(f"patchcore: index must be 'auto', 'flat' or 'ivf', got {p['index']!r}")
+        if int(p["coreset_shard_patches"]) < 0 or float(p["coreset_oversample"]) < 1:
+            raise ValueError("patchcore: coreset_shard_patches must be >= 0 and coreset_oversample >= 1")
         if int(p["k"]) < 1 or int(p["reweight_neighbors"]) < 1:
             raise ValueError("patchcore: k and reweight_neighbors must be >= 1")
         resolve_torch_device(p["use_gpu"])  # validates the value
@@ -185,11 +194,14 @@ class PatchCore(_PatchDetector):
         res = select_coreset(X, ratio=float(p["coreset_ratio"]),
                              projection_dim=int(p["projection_dim"] or 0), seed=int(p["seed"]),
                              memory_budget_mb=float(p["memory_budget_mb"]), device=device,
-                             threads=int(p["coreset_threads"]) or None)
+                             threads=int(p["coreset_threads"]) or None,
+                             shard_patches=int(p["coreset_shard_patches"]),
+                             oversample=float(p["coreset_oversample"]), runner=self._shard_runner())
         t0 = time.perf_counter()
         self._set_index(self._build_index(res.bank))
         stats = dict(res.stats)
         stats["index_seconds"] = time.perf_counter() - t0
+        stats["index"] = "ivf" if isinstance(self._index, faiss.IndexIVF) else "flat"
         stats["largest_array_bytes"] = max(stats["projected_peak_bytes"],
                                            stats["max_chunk_bytes"], stats["bank_bytes"])
         stats["peak_rss_mb"] = _peak_rss_mb()
@@ -200,10 +212,29 @@ class PatchCore(_PatchDetector):
         self.fit_stats_ = stats
         return self
 
+    def _shard_runner(self) -> Any:
+        if not self.params["coreset_ray_tasks"]:
+            return None
+        import ray
+        if not ray.is_initialized():
+            warnings.warn("patchcore: coreset_ray_tasks without a connected Ray; "
+                          "running the shards in this process", RuntimeWarning, stacklevel=3)
+            return None
+        from ..coreset_tasks import RayShardRunner
+        return RayShardRunner(num_gpus=float(self.params["coreset_task_gpus"]),
+                              use_gpu=self.params["use_gpu"])
+
+    def index_kind(self, bank_rows: int) -> str:
+        """``"flat"`` or ``"ivf"`` for a bank of ``bank_rows`` (``index="auto"`` switches by size)."""
+        kind = self.params["index"]
+        if kind == "auto":
+            kind = "ivf" if bank_rows >= int(self.params["ivf_min_bank"]) else "flat"
+        return kind
+
     def _build_index(self, bank: np.ndarray) -> Any:
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         n, dim = bank.shape
-        if self.params["index"] == "flat":
+        if self.index_kind(n) == "flat":
             index = faiss.IndexFlatL2(dim)
         else:
             nlist = int(self.params["nlist"]) or int(round(math.sqrt(n)))
