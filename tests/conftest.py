@@ -78,3 +78,15 @@ def s3_settings(s3_server):
     return S3Settings(endpoint_url=s3_server["endpoint"], region="us-east-1",
                       access_key=s3_server["aws_access_key_id"], secret_key=s3_server["aws_secret_access_key"])
 
+
+
+@pytest.fixture(scope="session")
+def fitted_lite0(ray_session, small_dataset, tmp_path_factory):
+    """Every default detector fitted on washer with EfficientNet-Lite0 (real weights): (config, models dir)."""
+    from mvtec_ray.config import load_config
+    from mvtec_ray.pipeline import run_pipeline
+    out = tmp_path_factory.mktemp("fit-lite0")
+    config = load_config(None, {"data": str(small_dataset), "out": str(out), "categories": ["washer"],
+                                "extract.backbone": "efficientnet_lite0"})
+    run_pipeline(config)
+    return config, out / "models"
