@@ -71,13 +71,16 @@ class Page:
 
     async def wait_for(self, expression: str, timeout: float = 60.0):
         """Poll ``expression`` until it is truthy; return its value."""
-        deadline = time.time() + timeout
+        deadline, error = time.time() + timeout, None
         while time.time() < deadline:
-            value = await self.evaluate(expression)
+            try:
+                value = await self.evaluate(expression)
+            except RuntimeError as exc:  # e.g. the page is still loading
+                value, error = None, exc
             if value:
                 return value
             await asyncio.sleep(0.2)
-        raise TimeoutError(f"{expression} stayed falsy for {timeout}s")
+        raise TimeoutError(f"{expression} stayed falsy for {timeout}s (last error: {error})")
 
     async def set_files(self, selector: str, paths: list[str]) -> None:
         root = (await self.call("DOM.getDocument"))["root"]["nodeId"]

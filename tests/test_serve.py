@@ -243,7 +243,7 @@ def test_page_in_headless_chromium(service, images, tmp_path):
             # without the token the page says so; with it, the categories load
             await page.wait_for("document.getElementById('error').textContent.includes('bearer token')")
             await page.evaluate(f"(() => {{ const t = document.getElementById('token'); t.value = {json.dumps(TOKEN)};"
-                                " t.dispatchEvent(new Event('change')); }})()")
+                                " t.dispatchEvent(new Event('change')); })()")
             await page.wait_for("document.body.dataset.ready === '1'")
             assert await page.evaluate("[...document.querySelectorAll('#category option')].map(o => o.value)") \
                 == ["washer"]
