@@ -1,4 +1,4 @@
-"""``mvtec-ray`` command line: sample-data, run, extract, fit, score, report.
+"""``mvtec-ray`` command line: sample-data, run, extract, fit, score, serve, export, report.
 
 User errors print one line and exit 2; ``--debug`` shows the traceback.
 """
@@ -82,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", action="store_true", help="score every image again, not only new ones")
     p.add_argument("--batch-size", type=int, help="images per scoring batch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("serve", help="online scoring: an HTTP API and a web page on Ray Serve")
+    _common(p, data=False, out=False, extraction=False)
+    p.add_argument("--models", required=True, help="models folder written by fit/run (OUT/models)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", help="file holding a bearer token the API then requires "
+                                        "(default: the MVTEC_RAY_TOKEN environment variable, else no token)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="images per dynamic batch")
+    p.add_argument("--max-replicas", type=int, default=1, help="autoscaling limit of the replicas")
+
+    p = sub.add_parser("export", help="write one self-contained TorchScript/ONNX model (backbone + detector)")
+    p.add_argument("--models", required=True, help="models folder written by fit/run (OUT/models)")
+    p.add_argument("--category", required=True)
+    p.add_argument("--detector", required=True)
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("--output", help="file to write (default: CATEGORY-DETECTOR.pt or .onnx here)")
+    p.add_argument("--config", help="YAML config (S3 endpoint)")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("report", help="write OUT/report.html from a run's outputs")
     p.add_argument("out", help="a run's output folder (local or s3://)")
@@ -226,6 +246,37 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .service import TOKEN_ENV, token_digest
+    config = config_from_args(args)
+    token = None
+    if args.token_file:
+        try:
+            token = open(args.token_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise UserError(f"--token-file {args.token_file} is empty")
+    elif os.environ.get(TOKEN_ENV, "").strip():
+        token = os.environ[TOKEN_ENV].strip()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        log.warning("serving on %s without a token: anyone who reaches this address can use the API "
+                    "(--token-file or %s)", args.host, TOKEN_ENV)
+    from .serving import ServeArgs, run_service
+    serve_args = ServeArgs(models=args.models, categories=config.categories, detectors=_split(args.detectors),
+                           token_sha256=token_digest(token) if token else None, max_batch_size=args.max_batch_size,
+                           max_replicas=args.max_replicas)
+    return run_service(serve_args, config, args.host, args.port)
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+    config = config_from_args(args)
+    path = export_model(config, args.models, args.category, args.detector, args.format, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
     from .storage import Storage, is_s3
@@ -241,7 +292,7 @@ def cmd_report(args) -> int:
 
 
 COMMANDS = {"sample-data": cmd_sample_data, "run": cmd_run, "extract": cmd_extract, "fit": cmd_fit,
-            "score": cmd_score, "report": cmd_report}
+            "score": cmd_score, "serve": cmd_serve, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

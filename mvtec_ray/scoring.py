@@ -31,13 +31,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .backbones import BACKBONES, RANDOM_WEIGHTS_ID, FeatureExtractor, embed_images, prepare_for_device, resolve_weights
 from .catalog import IMAGE_EXTENSIONS
 from .config import ExtractConfig, RunConfig
-from .errors import ModelMismatch, UserError
+from .errors import UserError
 from .extract import WRITER_CPUS, prepare_batch
 from .features import shard_name, tensor_array
-from .model_store import SCHEMA_KEYS, check_schema, list_models, load_model, read_model_info
+from .model_set import ModelSet, check_models, plan_models  # noqa: F401 - check_models: one import path
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -206,16 +205,9 @@ class Scorer:
         if hasattr(weights, "hex") and not isinstance(weights, (str, bytes)):
             import ray
             weights = ray.get(weights)
-        self.extractor = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim, padim_channels),
-                                            device)
-        self.models: dict[str, list] = {}
-        for category, name in pairs:
-            model = load_model(storage, models_uri, category, name, expect=expect)
-            if versions and versions.get(f"{category}/{name}") not in (None, model.version):
-                raise ModelMismatch(f"model {category}/{name} was replaced while the scoring job started; run again")
-            self.models.setdefault(category, []).append(model)
-        columns = {m.detector.feature_column for ms in self.models.values() for m in ms}
-        self.need_patches, self.need_padim = "patches" in columns, "padim" in columns
+        self.model_set = ModelSet(models_uri, pairs, storage, backbone, weights, patch_dim, device=device,
+                                  expect=expect, versions=versions, padim_channels=padim_channels,
+                                  input_size=input_size)
         self.map_size = map_size
         self.input_size = input_size
         self.scored_at = scored_at
@@ -224,20 +216,8 @@ class Scorer:
         images = batch.pop("image")
         ok = np.asarray(batch["status"]) == "ok"
         categories = np.asarray(batch["category"]).astype(str)
-        features = {}
-        if ok.any():
-            features["pooled"], features["patches"], features["padim"] = embed_images(
-                self.extractor, images[ok], self.need_patches, self.need_padim)
-        # one detector call per (category, model) for the whole batch, not per image
+        scored = self.model_set.score(images[ok], categories[ok], self.map_size) if ok.any() else []
         position = np.cumsum(ok) - 1
-        per_row: dict[int, list] = {}
-        for category in np.unique(categories[ok]):
-            rows = np.flatnonzero(ok & (categories == category))
-            for model in self.models[category]:
-                scores, maps = self._score(model, features, position[rows])
-                for j, r in enumerate(rows):
-                    per_row.setdefault(int(r), []).append((model, float(scores[j]),
-                                                           None if maps is None else maps[j]))
         out = {k: [] for k in SCORE_FIELDS + ["status", "error", "map", "first"]}
         for i in range(len(ok)):
             base = {"input_uri": batch["source_uri"][i], "input_version": batch["source_version"][i],
@@ -245,7 +225,7 @@ class Scorer:
             if not ok[i]:
                 self._append(out, base, status="error", error=batch["error"][i])
                 continue
-            for k, (model, score, anomaly_map) in enumerate(per_row[i]):
+            for k, (model, score, anomaly_map) in enumerate(scored[position[i]]):
                 self._append(out, base, detector=model.detector.name, score=score, threshold=model.threshold,
                              is_anomaly=score >= model.threshold, model_version=model.version,
                              backbone=model.info["schema"]["backbone"], weights=model.info["weights"],
@@ -259,18 +239,6 @@ class Scorer:
         result["map"] = np.stack([m if m is not None else blank for m in out["map"]]) if out["map"] else \
             np.zeros((0, self.map_size, self.map_size), np.float16)
         return result
-
-    def _score(self, model, features: dict, index):
-        detector = model.detector
-        X = features[detector.feature_column][index]
-        if detector.input_kind != "patches":
-            return detector.score(X), None
-        size = (self.map_size, self.map_size)
-        if hasattr(detector, "score_with_maps"):
-            scores, maps = detector.score_with_maps(X, size, self.input_size)
-        else:
-            scores, maps = detector.score(X), detector.anomaly_maps(X, size)
-        return scores, maps.astype(np.float16)
 
     def _append(self, out: dict, base: dict, **values) -> None:
         defaults = {"detector": "", "score": np.nan, "threshold": np.nan, "is_anomaly": False, "model_version": "",
@@ -322,28 +290,6 @@ def _write_table(storage: Storage, uri: str, table: pa.Table) -> None:
 
 
 # -- the job -------------------------------------------------------------------------
-def check_models(storage: Storage, models_uri: str, pairs: list[tuple[str, str]], config: RunConfig) -> dict:
-    """Refuse models that do not fit each other or what the caller asked for; return the shared schema.
-
-    Every model must share one feature schema. Settings given explicitly in ``config.extract``
-    (backbone, image_size, patch_dim) must equal the models'.
-    """
-    infos = {(c, d): read_model_info(storage, models_uri, c, d) for c, d in pairs}
-    (c0, d0), reference = next(iter(infos.items()))
-    schema = reference["schema"]
-    for (c, d), info in infos.items():
-        for key in SCHEMA_KEYS:
-            if info["schema"].get(key) != schema.get(key):
-                raise ModelMismatch(f"models under {models_uri} were fitted on different features ({c}/{d}: "
-                                    f"{key}={info['schema'].get(key)!r}, {c0}/{d0}: {key}={schema.get(key)!r}); "
-                                    f"score them separately")
-    requested = {k: getattr(config.extract, k) for k in ("backbone", "image_size", "patch_dim")
-                 if k in config.extract.model_fields_set}
-    if requested:
-        check_schema(reference, requested, f"{c0}/{d0}")
-    return {"schema": schema, "weights": reference["weights"]}
-
-
 def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: str | None = None,
                 rescore: bool = False, detectors: list[str] | None = None) -> ScoringSummary:
     """Score every image under ``images_uri`` not scored before (by uri and size-mtime version).
@@ -353,61 +299,26 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     files of other model categories out of the job (counted in the summary, not recorded as errors,
     so a later job for those categories still scores them). ``rescore``
     scores everything again; an image then has rows from several runs: the latest ``scored_at`` wins.
-    Models are checked before any work (:func:`check_models`, then :func:`load_model` with the
-    features' actual shapes and a probe) and refused with :class:`ModelMismatch`.
+    Models are checked before any work (:func:`~mvtec_ray.model_set.plan_models`) and refused with
+    :class:`ModelMismatch`.
     """
     import ray
 
-    from .extract import cluster_plan, probe_feature_shapes
+    from .extract import cluster_plan
     from .pipeline import connect
     started = time.perf_counter()
     scored_at = time.time()
     storage = Storage(config.s3)
     out_uri = config.out
-    pairs = list_models(storage, models_uri)
-    if not pairs:
-        raise UserError(f"no fitted models under {models_uri} (run 'mvtec-ray fit' or 'run' first)")
-    wanted = detectors or sorted({d for _, d in pairs})
-    pairs = [(c, d) for c, d in pairs if d in wanted]
-    if not pairs:
-        raise UserError(f"none of the detectors {wanted} has a fitted model under {models_uri}")
-    categories = sorted({c for c, _ in pairs})
-    if category and category not in categories:
+    # every category with a model names files in the listing; only the selected ones are scored
+    categories = sorted({c for c, _ in list_models(storage, models_uri)})
+    if category and categories and category not in categories:
         raise UserError(f"no model for category {category!r}; models exist for {', '.join(categories)}")
-    selected = categories
-    if config.categories:
-        unknown = sorted(set(config.categories) - set(categories))
-        if unknown:
-            raise UserError(f"no model for categories {unknown}; models exist for {', '.join(categories)}")
-        if category and category not in config.categories:
-            raise UserError(f"--category {category!r} is not among --categories {', '.join(config.categories)}")
-        selected = sorted(config.categories)
-        pairs = [(c, d) for c, d in pairs if c in selected]
-    shared = check_models(storage, models_uri, pairs, config)
-    schema = shared["schema"]
-    if "weights" in config.extract.model_fields_set:
-        weights_arg = config.extract.weights  # e.g. the same file at another path on this machine
-    elif shared["weights"] == RANDOM_WEIGHTS_ID:
-        weights_arg = "random"
-    else:
-        kind, _, rest = str(shared["weights"]).partition(":")
-        weights_arg = "imagenet" if kind == "imagenet" else rest
-    weights = resolve_weights(schema["backbone"], weights_arg, storage)
-    if weights.sha256 != schema["weights_sha256"]:
-        raise ModelMismatch(f"backbone weights differ from the ones the models were fitted with "
-                            f"(sha256 {weights.sha256[:12]} != {str(schema['weights_sha256'])[:12]})")
-    padim_shape = schema.get("padim_shape")
-    extract_cfg = config.extract.model_copy(update={
-        "backbone": schema["backbone"], "image_size": schema["image_size"], "patch_dim": schema.get("patch_dim"),
-        "resize_to": schema.get("resize_to"), "padim_channels": int(padim_shape[-1]) if padim_shape else 0,
-        "holdout_fraction": 0.0, "synthetic_per_image": 0, "augment_copies": 0})
-    # the features this job will compute, measured: a model.json edited to claim otherwise is refused
-    expect = {"backbone": weights.backbone, "weights_sha256": weights.sha256, "image_size": extract_cfg.image_size,
-              "patch_dim": extract_cfg.patch_dim, "resize_to": extract_cfg.resize_to,
-              **probe_feature_shapes(extract_cfg, weights)}
-    versions = {}
-    for c, d in pairs:  # one at a time: the driver never holds every model
-        versions[f"{c}/{d}"] = load_model(storage, models_uri, c, d, expect=expect, probe=True).version
+    if category and config.categories and category not in config.categories:
+        raise UserError(f"--category {category!r} is not among --categories {', '.join(config.categories)}")
+    plan = plan_models(config, storage, models_uri, detectors, categories=config.categories)
+    pairs, schema, weights, extract_cfg = plan.pairs, plan.schema, plan.weights, plan.extract
+    selected, expect, versions = plan.categories, plan.expect, plan.versions
 
     summary = ScoringSummary(out_uri)
     done = np.zeros(0, np.uint64) if rescore else scored_index(storage, out_uri)

@@ -80,6 +80,18 @@ def s3_settings(s3_server):
 
 
 
+@pytest.fixture(scope="session")
+def fitted_lite0(ray_session, small_dataset, tmp_path_factory):
+    """Every default detector fitted on washer with EfficientNet-Lite0 (real weights): (config, models dir)."""
+    from mvtec_ray.config import load_config
+    from mvtec_ray.pipeline import run_pipeline
+    out = tmp_path_factory.mktemp("fit-lite0")
+    config = load_config(None, {"data": str(small_dataset), "out": str(out), "categories": ["washer"],
+                                "extract.backbone": "efficientnet_lite0"})
+    run_pipeline(config)
+    return config, out / "models"
+
+
 # -- nothing left behind ------------------------------------------------------------------------
 # every process this session starts (Ray daemons and workers, moto_server, CLI subprocesses and their
 # own Ray) inherits this variable: what is left at the end is found by it, and only that is ended

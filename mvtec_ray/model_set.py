@@ -1,0 +1,186 @@
+"""Fitted models ready to score images: what the batch ``score`` job and the online service share.
+
+:func:`plan_models` checks a models folder once (one feature schema, the backbone weights the
+models were fitted with, the features' real shapes, a probe of every model) and says how to
+compute their features; :class:`ModelSet` holds the backbone and every model of some categories
+and scores uint8 images through the one feature path (:func:`~mvtec_ray.backbones.embed_images`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from .backbones import BACKBONES, RANDOM_WEIGHTS_ID, FeatureExtractor, ResolvedWeights, embed_images, \
+    prepare_for_device, resolve_weights
+from .config import ExtractConfig, RunConfig
+from .errors import ModelMismatch, UserError
+from .images import DecodeLimits
+from .model_store import SCHEMA_KEYS, StoredModel, check_schema, list_models, load_model, read_model_info
+from .storage import Storage
+
+
+@dataclass
+class ModelPlan:
+    """What a scorer needs: the models, their shared schema, the weights and the extraction settings."""
+
+    models_uri: str
+    pairs: list[tuple[str, str]]
+    schema: dict
+    weights: ResolvedWeights
+    #: extraction settings of the models' features (decode limits from the caller's config)
+    extract: ExtractConfig
+    #: feature schema the models must match (measured on a blank image)
+    expect: dict
+    #: "category/detector" -> model version at planning time
+    versions: dict[str, str]
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted({c for c, _ in self.pairs})
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(self.extract.max_image_pixels, self.extract.min_image_side)
+
+
+def check_models(storage: Storage, models_uri: str, pairs: list[tuple[str, str]], config: RunConfig) -> dict:
+    """Refuse models that do not fit each other or what the caller asked for; return the shared schema.
+
+    Every model must share one feature schema. Settings given explicitly in ``config.extract``
+    (backbone, image_size, patch_dim) must equal the models'.
+    """
+    infos = {(c, d): read_model_info(storage, models_uri, c, d) for c, d in pairs}
+    (c0, d0), reference = next(iter(infos.items()))
+    schema = reference["schema"]
+    for (c, d), info in infos.items():
+        for key in SCHEMA_KEYS:
+            if info["schema"].get(key) != schema.get(key):
+                raise ModelMismatch(f"models under {models_uri} were fitted on different features ({c}/{d}: "
+                                    f"{key}={info['schema'].get(key)!r}, {c0}/{d0}: {key}={schema.get(key)!r}); "
+                                    f"score them separately")
+    requested = {k: getattr(config.extract, k) for k in ("backbone", "image_size", "patch_dim")
+                 if k in config.extract.model_fields_set}
+    if requested:
+        check_schema(reference, requested, f"{c0}/{d0}")
+    return {"schema": schema, "weights": reference["weights"]}
+
+
+def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors: Sequence[str] | None = None,
+                categories: Sequence[str] | None = None) -> ModelPlan:
+    """Check the models under ``models_uri`` (optionally only some detectors and categories).
+
+    Refuses, in one line, an empty selection, models fitted on different features, weights that
+    differ from the fit's, and any model that does not load or score a blank input of its schema.
+    Models are loaded one at a time: the caller never holds them all here.
+    """
+    from .extract import probe_feature_shapes
+    pairs = list_models(storage, models_uri)
+    if not pairs:
+        raise UserError(f"no fitted models under {models_uri} (run 'mvtec-ray fit' or 'run' first)")
+    wanted = list(detectors or sorted({d for _, d in pairs}))
+    pairs = [(c, d) for c, d in pairs if d in wanted]
+    if not pairs:
+        raise UserError(f"none of the detectors {wanted} has a fitted model under {models_uri}")
+    if categories:
+        missing = sorted(set(categories) - {c for c, _ in pairs})
+        if missing:
+            raise UserError(f"no model for categories {missing}; models exist for "
+                            f"{', '.join(sorted({c for c, _ in pairs}))}")
+        pairs = [(c, d) for c, d in pairs if c in categories]
+    shared = check_models(storage, models_uri, pairs, config)
+    schema = shared["schema"]
+    if "weights" in config.extract.model_fields_set:
+        weights_arg = config.extract.weights  # e.g. the same file at another path on this machine
+    elif shared["weights"] == RANDOM_WEIGHTS_ID:
+        weights_arg = "random"
+    else:
+        kind, _, rest = str(shared["weights"]).partition(":")
+        weights_arg = "imagenet" if kind == "imagenet" else rest
+    weights = resolve_weights(schema["backbone"], weights_arg, storage)
+    if weights.sha256 != schema["weights_sha256"]:
+        raise ModelMismatch(f"backbone weights differ from the ones the models were fitted with "
+                            f"(sha256 {weights.sha256[:12]} != {str(schema['weights_sha256'])[:12]})")
+    padim_shape = schema.get("padim_shape")
+    extract_cfg = config.extract.model_copy(update={
+        "backbone": schema["backbone"], "image_size": schema["image_size"], "patch_dim": schema.get("patch_dim"),
+        "resize_to": schema.get("resize_to"), "padim_channels": int(padim_shape[-1]) if padim_shape else 0,
+        "holdout_fraction": 0.0, "synthetic_per_image": 0, "augment_copies": 0})
+    # the features the scorer will compute, measured: a model.json edited to claim otherwise is refused
+    expect = {"backbone": weights.backbone, "weights_sha256": weights.sha256, "image_size": extract_cfg.image_size,
+              "patch_dim": extract_cfg.patch_dim, "resize_to": extract_cfg.resize_to,
+              **probe_feature_shapes(extract_cfg, weights)}
+    versions = {}
+    for c, d in pairs:
+        versions[f"{c}/{d}"] = load_model(storage, models_uri, c, d, expect=expect, probe=True).version
+    return ModelPlan(models_uri, pairs, schema, weights, extract_cfg, expect, versions)
+
+
+class Scored(NamedTuple):
+    model: StoredModel
+    score: float
+    #: anomaly map (map_size x map_size, float16) of a patch detector when maps were asked for
+    map: np.ndarray | None
+
+
+class ModelSet:
+    """The backbone and every model of some categories, loaded once (per actor or replica)."""
+
+    def __init__(self, models_uri: str, pairs: list[tuple[str, str]], storage: Storage, backbone: str,
+                 weights: dict | None, patch_dim: int | None, device: str = "cpu", expect: dict | None = None,
+                 versions: dict | None = None, padim_channels: int | None = None, input_size: int | None = None):
+        self.extractor = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim, padim_channels),
+                                            device)
+        #: the model's input size: anomaly maps are smoothed at it (as at fit time)
+        self.input_size = input_size
+        self.models: dict[str, list[StoredModel]] = {}
+        for category, name in pairs:
+            model = load_model(storage, models_uri, category, name, expect=expect)
+            if versions and versions.get(f"{category}/{name}") not in (None, model.version):
+                raise ModelMismatch(f"model {category}/{name} was replaced while the scorer started; start again")
+            self.models.setdefault(category, []).append(model)
+
+    @classmethod
+    def from_plan(cls, plan: ModelPlan, storage: Storage, device: str = "cpu") -> "ModelSet":
+        return cls(plan.models_uri, plan.pairs, storage, plan.schema["backbone"], plan.weights.state_dict,
+                   plan.schema.get("patch_dim"), device=device, expect=plan.expect, versions=plan.versions,
+                   padim_channels=plan.extract.padim_channels, input_size=plan.extract.image_size)
+
+    def score(self, images: np.ndarray, categories: Sequence[str], map_size: int | None = None,
+              detectors: Sequence[Sequence[str] | None] | None = None) -> list[list[Scored]]:
+        """Score uint8 NHWC images, each with the models of its category (or only ``detectors[i]``).
+
+        One backbone pass for the batch and one detector call per (category, model), not per image.
+        Patch detectors also give maps at ``map_size`` when it is set.
+        """
+        results: list[list[Scored]] = [[] for _ in range(len(images))]
+        if not len(images):
+            return results
+        categories = np.asarray(categories).astype(str)
+        columns = {m.detector.feature_column for c in np.unique(categories) for m in self.models[c]}
+        features = dict(zip(("pooled", "patches", "padim"),
+                            embed_images(self.extractor, images, "patches" in columns, "padim" in columns)))
+        for category in np.unique(categories):
+            rows = np.flatnonzero(categories == category)
+            for model in self.models[category]:
+                mine = rows if detectors is None else np.asarray(
+                    [r for r in rows if detectors[r] is None or model.detector.name in detectors[r]], dtype=int)
+                if not len(mine):
+                    continue
+                scores, maps = self._score(model, features, mine, map_size)
+                for j, r in enumerate(mine):
+                    results[r].append(Scored(model, float(scores[j]), None if maps is None else maps[j]))
+        return results
+
+    def _score(self, model: StoredModel, features: dict, index, map_size: int | None):
+        detector = model.detector
+        X = features[detector.feature_column][index]
+        if detector.input_kind != "patches" or map_size is None:
+            return detector.score(X), None
+        size = (map_size, map_size)
+        if hasattr(detector, "score_with_maps"):
+            scores, maps = detector.score_with_maps(X, size, self.input_size)
+        else:
+            scores, maps = detector.score(X), detector.anomaly_maps(X, size)
+        return scores, maps.astype(np.float16)
