@@ -37,6 +37,7 @@ from .errors import UserError
 from .extract import WRITER_CPUS, prepare_batch
 from .features import shard_name, tensor_array
 from .model_set import ModelSet, check_models, plan_models  # noqa: F401 - check_models: one import path
+from .model_store import list_models
 from .storage import Storage, join
 
 log = logging.getLogger(__name__)
