@@ -347,8 +347,11 @@ def cluster_plan(config: ExtractConfig) -> dict:
     plan["fused"] = plan["device"] == "cpu" if config.stages == "auto" else config.stages == "fused"
     plan["resources"] = dict(config.actor_resources)
     if plan["fused"]:
-        # decode, embed and write in the same actors: nothing else needs a CPU slot beside them
-        share = cpus / plan["actors"]
+        # decode, embed and write in the same actors. Their CPU requests leave one CPU (half of a
+        # small node) unreserved: Ray Data's own small tasks (block metadata) and the actors of a
+        # next run in the same driver, while a failed run's are still being torn down, must fit
+        # beside them, or they wait forever. Torch threads are set explicitly, not from num_cpus.
+        share = (cpus - min(1.0, cpus / 2)) / plan["actors"]
         if plan["num_cpus"] > share:  # Ray takes whole numbers above 1 and at most 4 decimals below
             plan["num_cpus"] = float(int(share)) if share >= 1 else max(0.0001, int(share * 1e4) / 1e4)
         plan["readers"] = plan["writers"] = 0

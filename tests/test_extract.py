@@ -472,8 +472,8 @@ def fake_cluster(monkeypatch, *nodes: dict) -> None:
 def assert_no_deadlock(plan: dict, config: ExtractConfig, cpus: float) -> None:
     assert plan["actors"] >= 1 and plan["num_cpus"] > 0
     assert plan["num_cpus"] == int(plan["num_cpus"]) or plan["num_cpus"] < 1  # Ray's rule for quantities
-    if plan["fused"]:  # decode, embed and write in the same actors: they only have to fit together
-        assert plan["actors"] * plan["num_cpus"] <= cpus + 1e-9, plan
+    if plan["fused"]:  # decode, embed and write in the same actors; Ray Data's own tasks still fit
+        assert plan["actors"] * plan["num_cpus"] <= cpus - min(1.0, cpus / 2) + 1e-9, plan
         assert round(plan["num_cpus"], 4) == plan["num_cpus"]
         return
     # long-lived actors must leave room for a decode task (or nothing ever feeds them) and a writer
