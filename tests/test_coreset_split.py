@@ -3,15 +3,10 @@ tests/coreset_split_scenario.py): same coreset as in one process, covering radiu
 of the single greedy, shards spread over nodes."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 
-from .test_multinode import MARKER, ROOT, _kill_marked
+from .test_multinode import ROOT, run_scenario
 
 SCRIPT = ROOT / "tests" / "coreset_split_scenario.py"
 
@@ -19,21 +14,7 @@ SCRIPT = ROOT / "tests" / "coreset_split_scenario.py"
 @pytest.fixture(scope="module")
 def verdict(tmp_path_factory):
     work = tmp_path_factory.mktemp("coreset_split")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               **{MARKER: str(work)})
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=400)
-    finally:
-        _kill_marked(str(work))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("VERDICT ")]
-    assert lines, f"no verdict (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    result = json.loads(lines[-1][len("VERDICT "):])
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    assert not result.get("error"), f"{result['error']}\n{proc.stderr[-4000:]}"
-    return result
+    return run_scenario(SCRIPT, [], work, 400)
 
 
 @pytest.mark.slow

@@ -44,25 +44,34 @@ def _kill_marked(value: str) -> None:
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def verdict(small_dataset, tmp_path_factory):
-    work = tmp_path_factory.mktemp("multinode")
+def run_scenario(script: Path, args: list[str], work: Path, timeout: int, show: tuple[str, ...] = ()) -> dict:
+    """Run a multi-node scenario script in its own process; its last ``VERDICT {json}`` line, with wall_s.
+
+    Processes carrying the scenario's marker are ended afterwards, whatever happened."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                **{MARKER: str(work)})
     started = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(small_dataset), "--work", str(work)],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=720)
+        proc = subprocess.run([sys.executable, str(script), *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
     finally:
         _kill_marked(str(work))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("VERDICT ")]
     assert lines, f"no verdict (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     result = json.loads(lines[-1][len("VERDICT "):])
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps({k: result.get(k) for k in ("kills", "events", "wall_s")}, indent=1))  # shown with -s
+    if show:
+        print(json.dumps({k: result.get(k) for k in show}, indent=1))  # shown with -s
     assert not result.get("error"), f"{result['error']}\n{proc.stderr[-4000:]}"
     return result
+
+
+@pytest.fixture(scope="module")
+def verdict(small_dataset, tmp_path_factory):
+    work = tmp_path_factory.mktemp("multinode")
+    return run_scenario(SCRIPT, ["--data", str(small_dataset), "--work", str(work)], work, 720,
+                        show=("kills", "events", "wall_s"))
 
 
 @pytest.mark.slow
