@@ -3,7 +3,6 @@ tests/coreset_split_scenario.py): same coreset as in one process, covering radiu
 of the single greedy, shards spread over nodes."""
 from __future__ import annotations
 
-
 import pytest
 
 from .test_multinode import ROOT, run_scenario
