@@ -143,11 +143,11 @@ def _require(config, *fields: str) -> None:
 
 
 def cmd_sample_data(args) -> int:
-    from .sample_data import DEFAULT_CATEGORIES, generate_sample_dataset
+    from .sample_data import ALL_CATEGORIES, generate_sample_dataset
     categories = _split(args.categories)
-    unknown = sorted(set(categories or []) - set(DEFAULT_CATEGORIES))
+    unknown = sorted(set(categories or []) - set(ALL_CATEGORIES))
     if unknown:
-        raise UserError(f"unknown sample categories {unknown}; known: {', '.join(DEFAULT_CATEGORIES)}")
+        raise UserError(f"unknown sample categories {unknown}; known: {', '.join(ALL_CATEGORIES)}")
     try:
         summary = generate_sample_dataset(args.out, categories=categories, seed=args.seed, overwrite=args.overwrite)
     except FileExistsError as exc:

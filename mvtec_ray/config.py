@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -60,6 +60,10 @@ class ExtractConfig(_Strict):
     #: None: resize the whole image to image_size. A size: resize to it, then centre-crop image_size
     #: (the PatchCore paper / anomalib protocol is 256 then 224); masks are cropped the same way
     resize_to: int | None = Field(None, ge=32, le=2048)
+    #: "stretch": both sides to image_size (a 4:1 part is squeezed 4x along its length). "pad": the
+    #: longer side to image_size, the aspect kept, centred on black; anomaly maps are cropped back
+    #: to the image before pixel metrics. Not with resize_to.
+    resize: Literal["stretch", "pad"] = "stretch"
     batch_size: int = Field(16, ge=1, le=1024)
     #: augmented copies of every training image (0 = originals only)
     augment_copies: int = Field(0, ge=0, le=200)
@@ -115,6 +119,12 @@ class ExtractConfig(_Strict):
             raise ValueError(f"resize_to ({value}) must be at least image_size ({size}): the crop is taken from it")
         return value
 
+    @model_validator(mode="after")
+    def _pad_without_crop(self) -> "ExtractConfig":
+        if self.resize == "pad" and self.resize_to is not None:
+            raise ValueError("extract.resize: pad keeps the whole image; it cannot be combined with resize_to (a crop)")
+        return self
+
     @field_validator("actor_resources")
     @classmethod
     def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
@@ -133,6 +143,8 @@ class ExtractConfig(_Strict):
                 "holdout_fraction", "min_holdout", "synthetic_per_image", "synthetic_kinds",
                 "patch_maps", "patch_dim", "max_image_pixels", "min_image_side", "seed"]
         values = {k: getattr(self, k) for k in keys}
+        if self.resize != "stretch":  # the default leaves existing fingerprints as they were
+            values["resize"] = self.resize
         values["schema_version"] = FEATURE_SCHEMA_VERSION
         payload = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

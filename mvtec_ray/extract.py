@@ -19,7 +19,7 @@ from .backbones import BACKBONES, FeatureExtractor, ResolvedWeights, embed_image
 from .catalog import Catalog
 from .config import ExtractConfig
 from .features import EXTRACT_META, SUCCESS, FeatureSet, write_shards
-from .images import (DecodeError, DecodeLimits, apply_augmentation, decode_image, decode_mask,
+from .images import (DecodeError, DecodeLimits, apply_augmentation, content_box, decode_image, decode_mask,
                      encode_mask_png, image_dimensions, make_synthetic_anomaly, params_json, row_rng, sample_augmentation)
 from .errors import StorageUnavailable
 from .progress import Progress
@@ -84,6 +84,18 @@ def expected_row_ids(plan: pd.DataFrame) -> list[str]:
 
 
 # -- decoding and variants (pure; runs in Ray Data tasks) ---------------------
+def _synthetic_on_content(image: np.ndarray, kind: str, rng: np.random.Generator, config: ExtractConfig,
+                          source_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A synthetic defect drawn on the image itself, never on the padding of ``resize: pad``."""
+    top, left, h, w = content_box(*source_hw, config.image_size) if config.resize == "pad" else (0, 0, 0, 0)
+    if min(h, w) < 16:  # not padded, or a sliver too thin to draw on
+        return make_synthetic_anomaly(image, kind, rng)
+    inner, inner_mask, params = make_synthetic_anomaly(image[top:top + h, left:left + w], kind, rng)
+    pixels, mask = image.copy(), np.zeros(image.shape[:2], bool)
+    pixels[top:top + h, left:left + w], mask[top:top + h, left:left + w] = inner, inner_mask
+    return pixels, mask, {**params, "content_box": [top, left, h, w]}
+
+
 def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: Storage) -> dict[str, np.ndarray]:
     """Source rows -> variant rows: decode once, then augment / draw synthetic defects.
 
@@ -103,10 +115,11 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
         image, mask, error, source_hw = None, None, "", (0, 0)
         try:
             data = storage.read_bytes(uri)
-            image = decode_image(data, size, limits, config.resize_to)
+            image = decode_image(data, size, limits, config.resize_to, config.resize)
             source_hw = image_dimensions(data, limits)
             if label == 1 and batch["mask_uri"][i]:
-                mask = decode_mask(storage.read_bytes(str(batch["mask_uri"][i])), size, resize_to=config.resize_to)
+                mask = decode_mask(storage.read_bytes(str(batch["mask_uri"][i])), size, resize_to=config.resize_to,
+                                   resize=config.resize)
         except DecodeError as exc:
             error = str(exc)
         except FileNotFoundError:
@@ -123,7 +136,7 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
             elif error == "" and variant.startswith("syn"):
                 rng = row_rng(config.seed, image_id, variant)
                 kind = config.synthetic_kinds[int(rng.integers(len(config.synthetic_kinds)))]
-                pixels, row_mask, params = make_synthetic_anomaly(image, kind, rng)
+                pixels, row_mask, params = _synthetic_on_content(image, kind, rng, config, source_hw)
                 split, row_label, defect_type = "val_synthetic", 1, f"synthetic_{kind}"
             elif variant.startswith("syn"):
                 split, row_label = "val_synthetic", 1
@@ -272,7 +285,7 @@ def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_s
     spec = BACKBONES[config.backbone]
     return {
         **weights.identity(), "pretrained": weights.pretrained, "fingerprint": config.fingerprint(),
-        "image_size": config.image_size, "resize_to": config.resize_to, "normalisation": {"mean": spec.mean, "std": spec.std},
+        "image_size": config.image_size, "resize_to": config.resize_to, "resize": config.resize, "normalisation": {"mean": spec.mean, "std": spec.std},
         "patch_layers": list(spec.patch_layers), "padim_layers": list(spec.padim_layers), "patch_dim": config.patch_dim, **probe_shapes,
         "config": config.model_dump(mode="json"),
         "versions": {"mvtec_ray": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,

@@ -153,7 +153,7 @@ def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri
 def _fit_patches(features: FeatureSet, category, detector_name, params, evaluation, out_uri, storage, row,
                  metadata) -> FitOutcome:
     from .images import decode_mask_png  # here, not at the top: it imports torchvision (~1 s per Ray worker)
-    from .pixel_eval import PixelProtocol, maps_at
+    from .pixel_eval import PixelProtocol
     detector = build_detector(detector_name, **params)
     column = detector.feature_column
     train = PatchChunks(features, category, "train", column)
@@ -162,7 +162,8 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     detector.fit(train)
     row["fit_seconds"] = time.perf_counter() - started
     input_size = int(metadata["image_size"])
-    protocol = PixelProtocol(evaluation.pixel_eval, evaluation.pixel_eval_size, input_size, metadata.get("resize_to"))
+    protocol = PixelProtocol(evaluation.pixel_eval, evaluation.pixel_eval_size, input_size, metadata.get("resize_to"),
+                             metadata.get("resize") or "stretch")
     square = (input_size, input_size)
     rows, val_scores, val_labels, val_maps, val_masks = [], [], [], [], []
     started = time.perf_counter()
@@ -173,12 +174,14 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
             patch, scores = detector.patch_and_image_scores(part["X"])
             val_scores.append(scores)
             val_labels.append(part["label"])
-            val_maps.append(detector.maps_from_patch_scores(patch, square, input_size))
-            val_masks += [decode_mask_png(png) if png else np.zeros(square, bool) for png in part["mask_png"]]
+            part_maps, part_masks = protocol.input_frame(
+                detector.maps_from_patch_scores(patch, square, input_size),
+                [decode_mask_png(png) if png else np.zeros(square, bool) for png in part["mask_png"]], part["source_hw"])
+            val_maps += part_maps
+            val_masks += part_masks
             rows += _score_rows(category, detector_name, split, part, scores)
     # the pixel threshold: from validation maps (synthetic defects' masks) alone, before any test mask is read
-    pixel_threshold = choose_pixel_threshold(np.concatenate(val_maps), np.stack(val_masks),
-                                             evaluation.normal_quantile) if val_maps else None
+    pixel_threshold = choose_pixel_threshold(val_maps, val_masks, evaluation.normal_quantile) if val_maps else None
     normal_range = _normal_range(val_maps, val_masks)
     del val_maps, val_masks
     test_scores, test_labels, maps, truths, overlay_jobs = [], [], [], [], []
@@ -190,7 +193,7 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
         test_labels.append(part["label"])
         part_truths = [protocol.ground_truth(storage, part["mask_uri"][i], part["mask_png"][i], part["source_hw"][i])
                        for i in range(len(scores))]
-        part_maps = maps_at(detector, patch, [t.shape for t in part_truths], input_size)
+        part_maps = protocol.maps(detector, patch, [t.shape for t in part_truths], part["source_hw"])
         files = {"map_file": [""] * len(scores), "pred_mask_file": [""] * len(scores),
                  "overlay_file": [""] * len(scores)}
         if write:
@@ -242,8 +245,8 @@ def _normal_range(val_maps: list[np.ndarray], val_masks: list[np.ndarray]) -> tu
     """The overlays' colour range: from the median normal validation pixel to the highest pixel."""
     if not val_maps:
         return 0.0, 1.0
-    values = np.concatenate(val_maps)
-    normal = values[~np.stack(val_masks)]
+    values = np.concatenate([m.ravel() for m in val_maps])
+    normal = values[~np.concatenate([m.ravel() for m in val_masks])]
     low = float(np.median(normal)) if normal.size else float(values.min())
     return low, float(values.max())
 

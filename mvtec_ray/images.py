@@ -88,6 +88,33 @@ def centre_crop(array: np.ndarray, size: int, resize_to: int | None) -> np.ndarr
     return array[offset:offset + size, offset:offset + size]
 
 
+#: how a source becomes the model's square input: "stretch" (both sides to the size, aspect lost)
+#: or "pad" (longer side to the size, aspect kept, centred on black)
+RESIZE_MODES = ("stretch", "pad")
+
+
+def content_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a ``height`` x ``width`` image inside the ``size`` square when
+    resized with its aspect kept (longer side = ``size``) and centred (``resize="pad"``)."""
+    scale = size / max(height, width)
+    h = min(size, max(1, int(round(height * scale))))
+    w = min(size, max(1, int(round(width * scale))))
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+def _check_resize(resize: str, resize_to: int | None) -> None:
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize == "pad" and resize_to:
+        raise ValueError("resize 'pad' does not combine with a centre crop (resize_to)")
+
+
+def _pad_square(image: Image.Image, box: tuple[int, int, int, int], size: int, mode: str) -> Image.Image:
+    canvas = Image.new(mode, (size, size), 0)
+    canvas.paste(image, (box[1], box[0]))
+    return canvas
+
+
 def image_dimensions(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[int, int]:
     """(height, width) of an image as decoded (EXIF orientation applied), from its header only."""
     image = _open(data, limits)
@@ -96,23 +123,33 @@ def image_dimensions(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tupl
 
 
 def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits(),
-                 resize_to: int | None = None) -> np.ndarray:
+                 resize_to: int | None = None, resize: str = "stretch") -> np.ndarray:
     """Bytes -> RGB uint8 array (size, size, 3), EXIF orientation applied.
 
     With ``resize_to``: resized to ``resize_to`` square, then the centre ``size`` square cropped
-    (the PatchCore / anomalib preprocessing). Raises :class:`DecodeError` with a reason, and
-    nothing else, whatever the bytes.
+    (the PatchCore / anomalib preprocessing). ``resize="pad"``: the longer side to ``size``, the
+    aspect kept, centred on black (:func:`content_box`). Raises :class:`DecodeError` with a
+    reason, and nothing else, whatever the bytes.
     """
+    _check_resize(resize, resize_to)
     image = _open(data, limits)
     full = max(size, resize_to or size)
     try:
+        width, height = image.size  # before draft(), which shrinks a JPEG's size
         if image.format in ("JPEG", "MPO"):
             image.draft("RGB", (full, full))  # decode JPEGs at reduced scale: faster, less memory
         image.load()
         orientation = _orientation(image)
-        image = _small_rgb(image, full)  # shrink before any other full-size copy
+        transposed = orientation in (5, 6, 7, 8)
+        target = (full, full)
+        if resize == "pad":
+            box = content_box(*((width, height) if transposed else (height, width)), size)
+            target = (box[2], box[3]) if transposed else (box[3], box[2])  # (w, h) before the transpose
+        image = _small_rgb(image, target)  # shrink before any other full-size copy
         if orientation in _ORIENTATION:
             image = image.transpose(_ORIENTATION[orientation])
+        if resize == "pad":
+            image = _pad_square(image, box, size, "RGB")
         array = centre_crop(np.asarray(image, dtype=np.uint8), size, resize_to)
     except DecodeError:
         raise
@@ -126,15 +163,20 @@ def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits(),
 
 
 def decode_mask(data: bytes, size: int | None, limits: DecodeLimits = DecodeLimits(),
-                resize_to: int | None = None) -> np.ndarray:
-    """Mask bytes -> bool array (size, size), resized and cropped as :func:`decode_image` does;
-    nearest resampling keeps it binary. ``size=None``: the mask at its own full resolution."""
+                resize_to: int | None = None, resize: str = "stretch") -> np.ndarray:
+    """Mask bytes -> bool array (size, size), resized, cropped or padded as :func:`decode_image`
+    does; nearest resampling keeps it binary. ``size=None``: the mask at its own full resolution."""
+    _check_resize(resize, resize_to)
     mask = _open(data, DecodeLimits(limits.max_pixels, 1), "mask")
     try:
         mask.load()
         mask = mask.convert("L")
         if size is None:
             return np.asarray(mask) > 127
+        if resize == "pad":
+            box = content_box(mask.size[1], mask.size[0], size)
+            small = mask.resize((box[3], box[2]), Image.Resampling.NEAREST)
+            return np.asarray(_pad_square(small, box, size, "L")) > 127
         full = max(size, resize_to or size)
         mask = mask.resize((full, full), Image.Resampling.NEAREST)
         return centre_crop(np.asarray(mask), size, resize_to) > 127
@@ -162,10 +204,10 @@ def _orientation(image: Image.Image) -> int:
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def _small_rgb(image: Image.Image, size: int) -> Image.Image:
-    """Any Pillow mode -> RGB (size, size); resized in the source's own depth, converted small."""
+def _small_rgb(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Any Pillow mode -> RGB of ``size`` (w, h); resized in the source's own depth, converted small."""
     def shrink(im: Image.Image) -> Image.Image:
-        return im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
     mode = image.mode
     if mode in _HIGH_BIT_MODES:

@@ -36,7 +36,9 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 #: what must match between a model and the features it scores
 SCHEMA_KEYS = ("backbone", "weights_sha256", "image_size", "patch_dim", "pooled_dim", "patch_shape",
-               "padim_shape", "resize_to")
+               "padim_shape", "resize_to", "resize")
+#: schema values of models saved before the key existed
+SCHEMA_DEFAULTS = {"resize": "stretch"}
 #: the schema entry giving the shape of each feature column a detector can read
 COLUMN_SHAPE_KEY = {"pooled": "pooled_dim", "patches": "patch_shape", "padim": "padim_shape"}
 #: Version policy. A different MAJOR version of these refuses to load: they write or read the model
@@ -84,7 +86,7 @@ def save_model(storage: Storage, models_uri: str, category: str, detector: Detec
     target = safe_join(models_uri, f"{category}/{detector.name}")
     info = {"format": FORMAT_VERSION, "category": category, "detector": detector.name,
             "threshold": float(threshold), "threshold_rule": threshold_rule, "input_kind": detector.input_kind,
-            "schema": {k: feature_metadata.get(k) for k in SCHEMA_KEYS},
+            "schema": {k: feature_metadata.get(k, SCHEMA_DEFAULTS.get(k)) for k in SCHEMA_KEYS},
             "weights": feature_metadata.get("weights"), "pretrained": feature_metadata.get("pretrained"),
             "normalisation": feature_metadata.get("normalisation"),
             "fingerprint": feature_metadata.get("fingerprint"),
@@ -126,6 +128,9 @@ def read_model_info(storage: Storage, models_uri: str, category: str, detector_n
     if (info["category"], info["detector"]) != (category, detector_name):
         raise ModelMismatch(f"model folder {where} holds a model.json for {info['category']}/{info['detector']}")
     schema = info["schema"]
+    if isinstance(schema, dict):
+        for key, value in SCHEMA_DEFAULTS.items():
+            schema.setdefault(key, value)
     if not isinstance(schema, dict) or any(k not in schema for k in SCHEMA_KEYS):
         raise ModelMismatch(f"model {where}: schema must have {', '.join(SCHEMA_KEYS)}")
     try:
@@ -258,7 +263,8 @@ def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
 
 def check_compatible(model: StoredModel, feature_metadata: dict) -> None:
     """Refuse to score features that differ from those the model was fitted on."""
-    check_schema(model.info, {k: feature_metadata.get(k) for k in SCHEMA_KEYS if k in model.info["schema"]},
+    check_schema(model.info, {k: feature_metadata.get(k, SCHEMA_DEFAULTS.get(k)) for k in SCHEMA_KEYS
+                                 if k in model.info["schema"]},
                  f"{model.category}/{model.detector.name}")
 
 

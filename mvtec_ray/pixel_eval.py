@@ -4,6 +4,9 @@
   own resolution, read from the mask file itself (``mask_uri``); a good image's mask is empty at
   the source image's size. With the centre-crop preprocessing (``extract.resize_to``) the map
   covers the crop's region of the original, and the mask is cropped to that region.
+* With ``extract.resize: pad`` the model sees the image centred in a padded square; every map
+  is cropped to the image's own box (:func:`images.content_box`) before it is resized onto the
+  mask, so padding never counts as a pixel, in full, reduced and validation maps alike.
 * ``reduced``: maps and masks at ``pixel_eval_size`` square (masks: the stored ``image_size`` mask,
   downsampled with nearest neighbour). Faster; thin defects can vanish from the mask. Named in
   the results table (``pixel_eval = "128px"``).
@@ -17,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import crop_box, decode_mask, decode_mask_png
+import torch
+
+from .images import content_box, crop_box, decode_mask, decode_mask_png
 from .storage import Storage
 
 
@@ -27,6 +32,7 @@ class PixelProtocol:
     reduced_size: int    # pixel_eval_size
     input_size: int      # the model's input (extract.image_size)
     resize_to: int | None = None  # extract.resize_to (centre crop), None without
+    resize: str = "stretch"       # extract.resize
 
     @property
     def label(self) -> str:
@@ -38,9 +44,14 @@ class PixelProtocol:
         """The bool mask the map of one image is compared with (its shape is the map's)."""
         if self.mode != "full":
             size = self.reduced_size
+            if self.resize == "pad":
+                top, left, h, w = content_box(*(int(v) for v in source_hw), size)
+                if not mask_png:
+                    return np.zeros((h, w), bool)
+                return _nearest(self._content(decode_mask_png(mask_png), source_hw), (h, w))
             if not mask_png:
                 return np.zeros((size, size), bool)
-            return _nearest(decode_mask_png(mask_png), size)
+            return _nearest(decode_mask_png(mask_png), (size, size))
         if mask_uri:
             try:
                 mask = decode_mask(storage.read_bytes(mask_uri), None)
@@ -60,6 +71,29 @@ class PixelProtocol:
         return np.ascontiguousarray(mask[top:bottom, left:right])
 
 
+    def maps(self, detector, patch_scores: np.ndarray, shapes: list[tuple[int, int]],
+             source_hws) -> list[np.ndarray]:
+        """The maps of one batch, each at its ground truth's ``shape`` (see :meth:`ground_truth`)."""
+        if self.resize != "pad":
+            return maps_at(detector, patch_scores, shapes, self.input_size)
+        square = detector.maps_from_patch_scores(patch_scores, (self.input_size,) * 2, self.input_size)
+        return [_bilinear(self._content(m, hw), shape) for m, hw, shape in zip(square, source_hws, shapes)]
+
+    def input_frame(self, maps: np.ndarray, masks: list[np.ndarray], source_hws) -> tuple[list, list]:
+        """Validation maps and masks at the input size, as lists of 2-D arrays, padding removed."""
+        if self.resize != "pad":
+            return list(maps), list(masks)
+        return ([self._content(m, hw) for m, hw in zip(maps, source_hws)],
+                [self._content(m, hw) for m, hw in zip(masks, source_hws)])
+
+    def _content(self, square: np.ndarray, source_hw) -> np.ndarray:
+        """The image's own box of an input-size square (the whole square unless padded)."""
+        if self.resize != "pad":
+            return square
+        top, left, h, w = content_box(*(int(v) for v in source_hw), square.shape[0])
+        return square[top:top + h, left:left + w]
+
+
 def maps_at(detector, patch_scores: np.ndarray, shapes: list[tuple[int, int]], input_size: int) -> list[np.ndarray]:
     """One anomaly map per image at its own ``shape`` (images of one shape go together)."""
     out: list[np.ndarray | None] = [None] * len(shapes)
@@ -71,6 +105,17 @@ def maps_at(detector, patch_scores: np.ndarray, shapes: list[tuple[int, int]], i
     return out  # type: ignore[return-value]
 
 
-def _nearest(mask: np.ndarray, size: int) -> np.ndarray:
+def _nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     from PIL import Image
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+    if mask.shape == tuple(shape):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]),
+                                                                        Image.Resampling.NEAREST)) > 127
+
+
+def _bilinear(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if anomaly_map.shape == tuple(shape):
+        return np.ascontiguousarray(anomaly_map, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=tuple(int(v) for v in shape), mode="bilinear",
+                                           align_corners=False)[0, 0].numpy()

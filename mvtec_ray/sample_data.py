@@ -35,6 +35,14 @@ DEFECT_TYPES: dict[str, tuple[str, ...]] = {
     "grid_gray": ("broken", "contamination", "thread"),
 }
 
+#: extra categories, generated only when asked for by name (not part of the default demo set)
+EXTRA_DEFECT_TYPES: dict[str, tuple[str, ...]] = {
+    # an elongated part (4:1 images) with thin defects: aspect-preserving resizing matters
+    "rod_long": ("crack", "scratch", "dent"),
+}
+ALL_CATEGORIES: tuple[str, ...] = DEFAULT_CATEGORIES + tuple(EXTRA_DEFECT_TYPES)
+DEFECT_TYPES.update(EXTRA_DEFECT_TYPES)
+
 #: categories written as 1-channel PNGs (like MVTec's grid / screw / zipper)
 GRAYSCALE_CATEGORIES: frozenset[str] = frozenset({"grid_gray"})
 
@@ -221,7 +229,64 @@ def _grid_gray(rng: np.random.Generator, s: int):
     return img.astype(np.float32), np.ones((s, s), bool), (bg, w, metal)
 
 
-_SCENES = {"carpet_like": _carpet, "washer": _washer, "grid_gray": _grid_gray}
+def _rod_long(rng: np.random.Generator, s: int):
+    """A machined rod lying along a 2s x s/2 image (4:1), in a fixed pose with small jitter."""
+    h, w = s // 2, 2 * s
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    bg_l = 0.18 + 0.03 * _smooth_noise(rng, w, 4)[:h] + 0.015 * rng.standard_normal((h, w)).astype(np.float32)
+    bg = bg_l[..., None] * np.array([1.0, 1.0, 1.05], np.float32)
+    cy = h / 2 + rng.uniform(-0.03, 0.03) * h
+    half = 0.17 * h * rng.uniform(0.98, 1.02)   # rod radius
+    x0, x1 = w * (0.05 + rng.uniform(-0.008, 0.008)), w * (0.95 + rng.uniform(-0.008, 0.008))
+    tilt = np.deg2rad(rng.uniform(-0.6, 0.6))
+    d = (yy - cy) - (xx - w / 2) * np.tan(tilt)         # signed distance to the axis
+    ends = np.minimum(xx - x0, x1 - xx)                  # rounded caps
+    inside = np.clip(half - np.abs(d) + 0.5, 0, 1) * np.clip(ends + 0.5, 0, 1)
+    t = np.clip(d / half, -1, 1)
+    shade = 0.45 + 0.30 * np.sqrt(np.clip(1 - t ** 2, 0, 1)) + 0.18 * np.exp(-((t + 0.35) / 0.12) ** 2)
+    grooves = 0.025 * np.sin(2 * np.pi * xx / (0.03 * s) + rng.uniform(0, 2 * np.pi))
+    metal_l = (shade + grooves + 0.02 * rng.standard_normal((h, w))).astype(np.float32)
+    metal = metal_l[..., None] * np.array([1.0, 0.98, 0.94], np.float32)
+    img = _blend(bg, inside.astype(np.float32), metal)
+    region = inside > 0.5
+    return img.astype(np.float32), region, (cy, half, x0, x1, tilt)
+
+
+def _rod_defect(defect: str, rng: np.random.Generator, img: np.ndarray, region: np.ndarray,
+                extra, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Thin defects on the rod: a crack across it, a long fine scratch along it, a small dent."""
+    h, w = region.shape
+    cy, half, x0, x1, tilt = extra
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    x = float(rng.uniform(x0 + 0.1 * (x1 - x0), x1 - 0.1 * (x1 - x0)))
+    yc = cy + (x - w / 2) * np.tan(tilt)
+    if defect == "crack":      # 2-3 px wide, across most of the rod's width
+        y0, y1 = yc - half * rng.uniform(0.5, 0.9), yc + half * rng.uniform(0.5, 0.9)
+        pts = [(x + rng.normal(0, 1.5), y) for y in np.linspace(y0, y1, 6)]
+        draw.line(pts, fill=255, width=int(rng.integers(2, 4)))
+        colour = np.float32(0.06)
+    elif defect == "scratch":  # 2 px wide, long, along the rod
+        length = rng.uniform(0.12, 0.25) * (x1 - x0)
+        y = yc + rng.uniform(-0.6, 0.6) * half
+        pts = [(xi, y + rng.normal(0, 0.8)) for xi in np.linspace(x - length / 2, x + length / 2, 8)]
+        draw.line(pts, fill=255, width=2)
+        colour = np.float32(0.95)
+    elif defect == "dent":     # a small dark pit
+        r = rng.uniform(0.15, 0.3) * half
+        y = yc + rng.uniform(-0.5, 0.5) * half
+        draw.ellipse([x - r, y - r * rng.uniform(0.6, 1.0), x + r, y + r * rng.uniform(0.6, 1.0)], fill=255)
+        colour = np.float32(0.10)
+    else:
+        raise ValueError(f"unknown defect type {defect!r} for category 'rod_long'")
+    mask = (np.asarray(canvas) > 127) & region
+    if not mask.any():  # never an empty mask: keep the stroke where it missed the part
+        mask = np.asarray(canvas) > 127
+    alpha = np.maximum(_blur(mask.astype(np.float32), 0.5), mask) * 0.9
+    return _blend(img, alpha, colour * np.ones(3, np.float32)), mask
+
+
+_SCENES = {"carpet_like": _carpet, "washer": _washer, "grid_gray": _grid_gray, "rod_long": _rod_long}
 
 
 # ----------------------------------------------------------------------------- defects
@@ -320,7 +385,9 @@ def _apply_defect(category: str, defect: str, rng: np.random.Generator, img: np.
 def _render(category: str, rng: np.random.Generator, s: int, defect: str | None):
     img, region, extra = _SCENES[category](rng, s)
     mask = None
-    if defect is not None:
+    if defect is not None and category == "rod_long":
+        img, mask = _rod_defect(defect, rng, img, region, extra, s)
+    elif defect is not None:
         img, mask = _apply_defect(category, defect, rng, img, region, extra, s)
     # exposure jitter after the defect, like a camera: dwarfs any defect's effect on the mean
     img = img * np.float32(rng.uniform(0.9, 1.1)) + np.float32(rng.uniform(-0.02, 0.02))
@@ -349,7 +416,7 @@ def generate_sample_dataset(root: str | Path, categories: Iterable[str] | None =
     cats = tuple(DEFAULT_CATEGORIES if categories is None else categories)
     unknown = [c for c in cats if c not in _SCENES]
     if unknown:
-        raise ValueError(f"unknown categories {unknown}; known: {list(DEFAULT_CATEGORIES)}")
+        raise ValueError(f"unknown categories {unknown}; known: {list(ALL_CATEGORIES)}")
     if int(seed) != seed or seed < 0:
         raise ValueError("seed must be a non-negative integer")
     seed = int(seed)

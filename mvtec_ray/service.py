@@ -131,7 +131,8 @@ class ScoringService:
         started = time.perf_counter()
         data = image_bytes(body, content_type, self.max_body_bytes)
         try:
-            image = decode_image(data, self.image_size, self.limits, self.plan.extract.resize_to)
+            image = decode_image(data, self.image_size, self.limits, self.plan.extract.resize_to,
+                                 self.plan.extract.resize)
         except DecodeError as exc:
             raise ApiError(413 if "too large" in str(exc) else 400, str(exc)) from None
         return Request(image, category, detectors, want_map, (time.perf_counter() - started) * 1000)
