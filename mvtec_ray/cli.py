@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ray", "filelock", "urllib3", "botocore", "matplotlib", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from . import native_stderr
+    native_stderr.request(not args.debug)  # Ray's C++ notices a user cannot act on
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug (or --debug): the traceback is what helps
         print(f"mvtec-ray {args.command}: error: {_one_line(user)}", file=sys.stderr)
         return 2
+    finally:
+        native_stderr.stop()
 
 
 # how a UserError raised in a Ray task or Ray Data UDF survives: as a line of the remote traceback

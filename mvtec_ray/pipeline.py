@@ -56,6 +56,8 @@ def connect(config: RayConfig) -> None:
         # `ray start` recorded in /tmp/ray/ray_current_cluster (and reject num_cpus)
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING, configure_logging=True)
+    from . import native_stderr
+    native_stderr.start_if_requested()  # after ray.init: Ray's daemons keep the real stderr
     if quiet:
         # Ray Data's per-dataset INFO lines and its "progress bars disabled" notice: the project
         # shows its own progress line instead

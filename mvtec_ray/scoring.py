@@ -344,6 +344,8 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
         return summary
 
     resources = cluster_plan(extract_cfg)
+    # an actor per block at most: one that could get no input only costs its start (and Ray Data warns)
+    actors = max(1, min(resources["actors"], len(blocks)))
     scorer_kwargs = {"models_uri": models_uri, "pairs": pairs, "backbone": schema["backbone"],
                      "weights": ray.put(weights.state_dict), "patch_dim": schema.get("patch_dim"),
                      "padim_channels": extract_cfg.padim_channels, "input_size": extract_cfg.image_size,
@@ -354,14 +356,14 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
         ds = ds.map_batches(ScoringWorker, batch_size=extract_cfg.batch_size, batch_format="numpy",
                             fn_constructor_kwargs={"config": extract_cfg, "storage": storage, "out_uri": out_uri,
                                                    **scorer_kwargs},
-                            compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
+                            compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=resources["num_cpus"], resources=resources.get("resources") or None)
     else:
         ds = ds.map_batches(_prepare_or_reject, fn_kwargs={"config": extract_cfg, "storage": storage},
                             batch_size=8, batch_format="numpy", num_cpus=extract_cfg.cpus_per_reader)
         ds = ds.map_batches(Scorer, batch_size=extract_cfg.batch_size, batch_format="numpy",
                             fn_constructor_kwargs={"storage": storage, **scorer_kwargs},
-                            compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
+                            compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
                             resources=resources.get("resources") or None)
         ds = ds.map_batches(write_score_shards, fn_kwargs={"out_uri": out_uri, "storage": storage},
