@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
     "Threshold",
@@ -225,6 +223,7 @@ def image_metrics(labels, scores, threshold: Threshold | float | None) -> dict[s
         raise ValueError("image_metrics needs at least one image")
     n_pos = int(y.sum())
     both = 0 < n_pos < y.size
+    from sklearn.metrics import average_precision_score, roc_auc_score  # here: a driver importing this stays light
     out: dict[str, float] = {
         "image_auroc": float(roc_auc_score(y, s)) if both else float("nan"),
         "image_ap": float(average_precision_score(y, s)) if both else float("nan"),
@@ -289,6 +288,7 @@ def _ragged(maps, masks) -> tuple[np.ndarray, np.ndarray]:
 def _regions(maps, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Flat (scores, is_defect, region label) of every pixel and the number of regions: the
     8-connected components of each mask (labels unique over all images, none across images)."""
+    from scipy import ndimage
     if _is_ragged(maps):
         _ragged(maps, masks)  # shape checks
         values, defect, labels, total = [], [], [], 0

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .config import EvaluationConfig
-from .detectors import build_detector, detector_class
+from .detectors import build_detector, input_kind
 from .evaluation import (choose_pixel_threshold, image_metrics, pixel_auroc, pixel_f1,
                          pixel_f1_max, pro_score, threshold_for_rule)
 from .features import FeatureSet, PatchChunks
@@ -71,7 +71,7 @@ def fit_category_detector(features: FeatureSet, category: str, detector_name: st
         with limited_threads(max(1, int(threads))):
             import torch
             row["threads"] = torch.get_num_threads()  # what the fit really ran with (observable in tests)
-            if detector_class(detector_name).input_kind == "patches":
+            if input_kind(detector_name) == "patches":
                 return _fit_patches(features, category, detector_name, params, evaluation, out_uri, storage,
                                     row, metadata)
             pooled = pooled if pooled is not None else features.load_pooled(category)

@@ -10,21 +10,24 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .backbones import RANDOM_WEIGHTS_ID, ResolvedWeights, resolve_weights
 from .catalog import Catalog
 from .config import RayConfig, RunConfig
-from .detectors import detector_class
+from .detectors import input_kind
 from .evaluation import summarise
-from .extract import ExtractionResult, run_extraction
 from .features import FeatureSet
 from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task
 from .manifest import dataset_catalog
 from .model_store import write_manifest
 from .progress import Progress
 from .storage import Storage, join
+
+if TYPE_CHECKING:  # torch and torchvision: imported only when a run extracts
+    from .backbones import ResolvedWeights
+    from .extract import ExtractionResult
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def connect(config: RayConfig) -> None:
 
 def _fit_task_options(config: RunConfig, detector: str) -> dict:
     options = {"num_cpus": config.detectors.cpus_per_task, "max_retries": 2, "retry_exceptions": False}
-    if detector_class(detector).input_kind == "patches" and config.detectors.patch_task_memory_mb:
+    if input_kind(detector) == "patches" and config.detectors.patch_task_memory_mb:
         options["memory"] = config.detectors.patch_task_memory_mb * 1024 * 1024
     return options
 
@@ -90,7 +93,7 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
     fit_remote = ray.remote(fit_task)
     threads = max(1, int(config.detectors.cpus_per_task))
     pooled_refs = {}
-    if any(detector_class(name).input_kind == "pooled" for name in config.detectors.names):
+    if any(input_kind(name) == "pooled" for name in config.detectors.names):
         pooled_refs = {category: load_pooled.remote(features, category) for category in categories}
     chosen, defaults = {}, {}
     if config.search.enabled:
@@ -100,7 +103,7 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
                    key=lambda cell: -_FIT_COST.get(cell[1], 1))
     pending = {}
     for category, name in order:
-        pooled = detector_class(name).input_kind == "pooled"
+        pooled = input_kind(name) == "pooled"
         params = chosen.get((category, name), config.detectors.params.get(name, {}))
         ref = fit_remote.options(**_fit_task_options(config, name)).remote(
             features, category, name, params, config.evaluation, out_uri, storage,
@@ -205,6 +208,8 @@ def run_pipeline(config: RunConfig, features_uri: str | None = None, catalog: Ca
     for warning in catalog.warnings[:20]:
         log.warning(warning)
     # fail before any work
+    from .backbones import RANDOM_WEIGHTS_ID, resolve_weights
+    from .extract import run_extraction
     weights = weights or resolve_weights(config.extract.backbone, config.extract.weights, storage)
     if weights.weights_id == RANDOM_WEIGHTS_ID:
         log.warning("backbone %s uses RANDOM weights: results are NOT from a pretrained model", config.extract.backbone)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DEFAULT_SEARCH_GRIDS, SearchConfig
-from .detectors import build_detector, detector_class
+from .detectors import build_detector, input_kind
 
 log = logging.getLogger(__name__)
 VALIDATION_SPLITS = ("train", "val_good", "val_synthetic")
@@ -47,7 +47,7 @@ def params_json(params: dict) -> str:
 
 
 def searchable(detector: str) -> bool:
-    return detector_class(detector).input_kind == "pooled"
+    return input_kind(detector) == "pooled"
 
 
 def search_settings(search: SearchConfig, detector: str, base: dict) -> list[dict]:

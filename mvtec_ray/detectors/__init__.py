@@ -8,6 +8,11 @@ from typing import Any
 from .base import PARAMS_FILE, Detector
 
 REGISTRY: dict[str, type[Detector]] = {}
+#: the built-in detectors and the feature column kind each reads, known without importing their code
+#: (torch, faiss, scikit-learn): a driver that only plans and schedules fits stays light
+BUILTIN_INPUT_KINDS: dict[str, str] = {
+    "ocsvm": "pooled", "iforest": "pooled", "lof": "pooled", "elliptic": "pooled", "knn": "pooled",
+    "autoencoder": "pooled", "mahalanobis": "pooled", "patchcore": "patches", "padim": "patches"}
 
 
 def register(cls: type[Detector]) -> type[Detector]:
@@ -26,6 +31,13 @@ def detector_class(name: str) -> type[Detector]:
         raise KeyError(f"unknown detector {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
+def input_kind(name: str) -> str:
+    """``"pooled"`` or ``"patches"``: which kind of feature column the detector ``name`` reads."""
+    if name in BUILTIN_INPUT_KINDS:
+        return BUILTIN_INPUT_KINDS[name]
+    return detector_class(name).input_kind
+
+
 def build_detector(name: str, **params: Any) -> Detector:
     return detector_class(name)(**params)
 
@@ -36,8 +48,7 @@ def load_detector(directory: str | Path) -> Detector:
 
 
 def available_detectors() -> list[str]:
-    _load_builtin()
-    return sorted(REGISTRY)
+    return sorted(set(BUILTIN_INPUT_KINDS) | set(REGISTRY))
 
 
 def _load_builtin() -> None:
@@ -45,5 +56,5 @@ def _load_builtin() -> None:
     from . import padim, patch, pooled  # noqa: F401
 
 
-__all__ = ["Detector", "REGISTRY", "register", "detector_class", "build_detector",
+__all__ = ["Detector", "REGISTRY", "BUILTIN_INPUT_KINDS", "register", "detector_class", "input_kind", "build_detector",
            "load_detector", "available_detectors"]

@@ -1,0 +1,37 @@
+"""A driver that plans and schedules fits never imports torch, torchvision, scikit-learn or faiss
+(~4 s and ~0.5 GB on a small machine); the detectors' kinds are known without their code."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mvtec_ray.detectors import BUILTIN_INPUT_KINDS, _load_builtin, REGISTRY, available_detectors, input_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "torchvision", "sklearn", "faiss")
+
+
+def test_builtin_kinds_match_the_detector_classes():
+    _load_builtin()
+    assert set(BUILTIN_INPUT_KINDS) == set(REGISTRY) == set(available_detectors())
+    for name, cls in REGISTRY.items():
+        assert input_kind(name) == cls.input_kind, name
+
+
+def test_the_fit_driver_path_imports_no_heavy_library(tmp_path):
+    code = f"""
+import sys
+from mvtec_ray.config import load_config
+from mvtec_ray.pipeline import connect, run_fit, run_pipeline
+from mvtec_ray.fitting import FitOutcome, fit_task
+from mvtec_ray.evaluation import summarise
+from mvtec_ray.cli import build_parser
+config = load_config(None, {{"detectors.names": sorted({sorted(BUILTIN_INPUT_KINDS)!r})}})
+print(",".join(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"imported by the driver: {out.stdout.strip()}"
