@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baselines import bare_extract, steady_rate  # noqa: E402
-from measure import emit, load_average, python, require_ok, run_cold  # noqa: E402
+from measure import TIMING_PSS_EVERY_S, emit, load_average, python, require_ok, run_cold  # noqa: E402
 
 
 def make_images(root: Path, n: int, size: int) -> None:
@@ -110,12 +110,12 @@ def main() -> None:
             print(f"[{which}] cold process")
             runs[which] = require_ok(run_cold(python("benchmarks/extract.py", "--side", which, "--data",
                                                      str(scratch / "data"), "--out", str(scratch / which),
-                                                     *options)), which)
+                                                     *options), pss_every_s=TIMING_PSS_EVERY_S), which)
             m = runs[which]
             print(f"[{which}] wall {m.wall_s:.1f}s ({args.images / m.wall_s:.2f} img/s end to end), "
                   f"first shard after {m.figures.get('first_batch_s', float('nan')):.1f}s in-process, "
                   f"steady {m.figures.get('steady_img_s', float('nan')):.2f} img/s, CPU {m.cpu_s:.0f}s, "
-                  f"peak PSS {m.peak_pss_mb:.0f} MB ({m.describe_peak()})")
+                  f"peak PSS {m.peak_pss_mb:.0f} MB (sampled every {TIMING_PSS_EVERY_S:.0f}s; {m.describe_peak()})")
         print(f"load average after: {load_average()}")
         bare, ray = runs["bare"], runs["ray"]
         emit(bare_e2e_img_s=args.images / bare.wall_s, ray_e2e_img_s=args.images / ray.wall_s,

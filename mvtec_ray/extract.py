@@ -422,6 +422,8 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
         actors = max(1, min(resources["actors"], -(-len(expected_row_ids(plan)) // batch_size)))
         # small blocks so decode work spreads over the workers from the start
         blocks = [plan.iloc[i:i + 4] for i in range(0, len(plan), 4)]
+        from .pipeline import use_ray_data
+        use_ray_data()
         ds = ray.data.from_pandas(blocks)
         if resources["fused"]:
             ds = ds.map_batches(ExtractionWorker, batch_size=4, batch_format="numpy",

@@ -38,10 +38,6 @@ def connect(config: RayConfig) -> None:
     if ray.is_initialized():
         return
     quiet = not log.isEnabledFor(logging.DEBUG)
-    from ray.data import DataContext
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
-    ctx.print_on_execution_start = False
     # RAY_ADDRESS (set for `ray job submit` drivers, or exported) means "join that cluster"; an
     # http:// one is the job server's, for the `ray job` CLI only
     env_address = os.environ.get("RAY_ADDRESS", "")
@@ -66,6 +62,16 @@ def connect(config: RayConfig) -> None:
         # shows its own progress line instead
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def use_ray_data():
+    """Ray Data's settings for this driver, set by the stages that stream with it (extraction,
+    scoring) right before they build a dataset: a driver that only fits never imports it."""
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
+    ctx.print_on_execution_start = False
+    return ctx
 
 
 def _fit_task_options(config: RunConfig, detector: str) -> dict:

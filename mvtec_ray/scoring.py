@@ -351,6 +351,8 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
                      "padim_channels": extract_cfg.padim_channels, "input_size": extract_cfg.image_size,
                      "map_size": config.evaluation.pixel_eval_size, "threads": resources["threads"],
                      "device": resources["device"], "expect": expect, "versions": versions, "scored_at": scored_at}
+    from .pipeline import use_ray_data
+    use_ray_data()
     ds = ray.data.from_pandas_refs(blocks)
     if resources["fused"]:
         ds = ds.map_batches(ScoringWorker, batch_size=extract_cfg.batch_size, batch_format="numpy",
