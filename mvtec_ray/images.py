@@ -259,7 +259,8 @@ def sample_augmentation(rng: np.random.Generator, ops: list[str]) -> dict:
 
 def apply_augmentation(image: np.ndarray, params: dict) -> np.ndarray:
     """Apply recorded parameters with torchvision.transforms.v2 (uint8 HWC in and out)."""
-    tensor = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # a read-only array would warn.permute(2, 0, 1)
+    # writable and contiguous (a copy only when needed): torch warns on read-only arrays
+    tensor = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
     if params.get("hflip"):
         tensor = TF.horizontal_flip(tensor)
     if params.get("vflip"):
