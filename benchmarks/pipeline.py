@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--detectors", help="comma-separated (default: every default detector)")
     parser.add_argument("--config", help="a YAML config for both sides (e.g. extract.actors for the Ray side)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--passes", default="timing,memory",
+                        help="timing (wall, PSS read every 5 s) and/or memory (PSS read every 0.5 s)")
     args = parser.parse_args()
     detectors = args.detectors.split(",") if args.detectors else None
     if args.side == "bare":
@@ -101,7 +103,9 @@ def main() -> None:
         # two passes per side: the wall time with PSS read rarely (reading it costs CPU, more for the
         # side with more processes), then the memory with PSS read every 0.5 s
         timing, memory = {}, {}
-        for name, pss_every_s, sides in (("timing", TIMING_PSS_EVERY_S, timing), ("memory", 0.5, memory)):
+        passes = [p for p in (("timing", TIMING_PSS_EVERY_S, timing), ("memory", 0.5, memory))
+                  if p[0] in args.passes.split(",")]
+        for name, pss_every_s, sides in passes:
             for side in ("bare", "ray"):
                 print(f"[{side}, {name} pass] cold process")
                 sides[side] = require_ok(run_cold(python("benchmarks/pipeline.py", "--side", side, "--out",
@@ -112,12 +116,14 @@ def main() -> None:
                       f"(read every {pss_every_s:g}s) over up to {m.peak_processes} processes (MB at the peak: "
                       f"{m.describe_peak()}; CPU-s by process: {m.describe_cpu()})")
         print(f"load average after: {load_average()}")
-        emit(bare_wall_s=timing["bare"].wall_s, run_wall_s=timing["ray"].wall_s,
-             bare_pss_mb=memory["bare"].peak_pss_mb, run_pss_mb=memory["ray"].peak_pss_mb,
-             bare_cpu_s=timing["bare"].cpu_s, run_cpu_s=timing["ray"].cpu_s,
-             memory_pass_bare_wall_s=memory["bare"].wall_s, memory_pass_run_wall_s=memory["ray"].wall_s)
-        emit(**{"run/bare": timing["ray"].wall_s / timing["bare"].wall_s,
-                "mem_run/bare": memory["ray"].peak_pss_mb / memory["bare"].peak_pss_mb})
+        if timing:
+            emit(bare_wall_s=timing["bare"].wall_s, run_wall_s=timing["ray"].wall_s,
+                 bare_cpu_s=timing["bare"].cpu_s, run_cpu_s=timing["ray"].cpu_s)
+            emit(**{"run/bare": timing["ray"].wall_s / timing["bare"].wall_s})
+        if memory:
+            emit(bare_pss_mb=memory["bare"].peak_pss_mb, run_pss_mb=memory["ray"].peak_pss_mb,
+                 memory_pass_bare_wall_s=memory["bare"].wall_s, memory_pass_run_wall_s=memory["ray"].wall_s)
+            emit(**{"mem_run/bare": memory["ray"].peak_pss_mb / memory["bare"].peak_pss_mb})
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)

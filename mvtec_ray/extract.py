@@ -277,9 +277,10 @@ class ExtractionResult:
 
 
 def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_shapes: dict) -> dict:
+    from importlib.metadata import version
+
     import pyarrow
     import ray
-    import sklearn
     import torch
     import torchvision
     spec = BACKBONES[config.backbone]
@@ -288,9 +289,12 @@ def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_s
         "image_size": config.image_size, "resize_to": config.resize_to, "resize": config.resize, "normalisation": {"mean": spec.mean, "std": spec.std},
         "patch_layers": list(spec.patch_layers), "padim_layers": list(spec.padim_layers), "patch_dim": config.patch_dim, **probe_shapes,
         "config": config.model_dump(mode="json"),
-        "versions": {"mvtec_ray": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "ray": ray.__version__, "pyarrow": pyarrow.__version__, "scikit-learn": sklearn.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
+        # plain str: torch's version is a str subclass whose unpickling imports torch (in every process
+        # this metadata reaches, Ray Data's stats actor included); scikit-learn's is read, not imported
+        "versions": {k: str(v) for k, v in {
+            "mvtec_ray": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "scikit-learn": version("scikit-learn"),
+            "numpy": np.__version__, "python": platform.python_version()}.items()},
     }
 
 

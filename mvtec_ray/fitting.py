@@ -92,9 +92,24 @@ def fit_task(*args, **kwargs) -> FitOutcome:
     pulls in extraction (torchvision, Ray Data), about 2 CPU-seconds more per worker.
     """
     import ray
-    outcome = fit_category_detector(*args, **kwargs)
+    try:
+        outcome = fit_category_detector(*args, **kwargs)
+    finally:
+        return_freed_memory()
     outcome.row["node"] = ray.get_runtime_context().get_node_id()
     return outcome
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. A long-lived Ray worker otherwise keeps the high-water
+    mark of its largest fit (glibc keeps freed arenas) while the next fit runs beside it."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def _counts(split_sizes: dict) -> dict:

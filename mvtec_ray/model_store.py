@@ -78,7 +78,7 @@ def runtime_versions() -> dict[str, str]:
         versions["faiss"] = faiss.__version__
     except ImportError:
         pass
-    return versions
+    return {k: str(v) for k, v in versions.items()}  # plain str (torch's is a subclass)
 
 
 def save_model(storage: Storage, models_uri: str, category: str, detector: Detector, threshold: float,

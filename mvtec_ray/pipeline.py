@@ -19,7 +19,7 @@ from .config import RayConfig, RunConfig
 from .detectors import input_kind
 from .evaluation import summarise
 from .features import FeatureSet
-from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task
+from .fitting import SCORE_COLUMNS, FitOutcome, fit_category_detector, fit_task, return_freed_memory
 from .manifest import dataset_catalog
 from .model_store import write_manifest
 from .progress import Progress
@@ -223,6 +223,8 @@ def run_pipeline(config: RunConfig, features_uri: str | None = None, catalog: Ca
     timings["catalog_and_start"] = time.perf_counter() - started
     features_uri = features_uri or join(config.out, "features")
     extraction = run_extraction(catalog, features_uri, config.extract, storage, weights)
+    del weights
+    return_freed_memory()  # the driver's share of extraction (weights, probe model) while the fits run
     timings["extract"] = extraction.seconds
     started = time.perf_counter()
     features = FeatureSet.open(extraction.features_dir, storage)

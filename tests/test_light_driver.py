@@ -35,3 +35,17 @@ print(",".join(m for m in {HEAVY!r} if m in sys.modules))
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"imported by the driver: {out.stdout.strip()}"
+
+
+def test_metadata_versions_are_plain_strings(lite0_weights):
+    """torch's version is a str subclass whose unpickling imports torch: metadata carrying it made
+    Ray Data's stats actor (which receives the operators' arguments) import torch, ~0.5 GB."""
+    import pickle
+
+    from mvtec_ray.config import ExtractConfig
+    from mvtec_ray.extract import extraction_metadata
+    from mvtec_ray.model_store import runtime_versions
+    metadata = extraction_metadata(ExtractConfig(backbone="efficientnet_lite0"), lite0_weights, {})
+    for versions in (metadata["versions"], runtime_versions()):
+        assert all(type(v) is str for v in versions.values()), versions
+        assert b"torch.torch_version" not in pickle.dumps(versions)
