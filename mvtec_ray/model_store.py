@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import tempfile
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,19 +66,26 @@ class StoredModel:
 
 
 def runtime_versions() -> dict[str, str]:
-    """Versions of the packages that save/load detector state, in this process."""
-    import sklearn
-    import torch
-    import torchvision
+    """Versions of the packages that save/load detector state, in this process: a package's own
+    ``__version__`` once it is imported, else its installed distribution's (importing scikit-learn
+    just to read its version cost a scoring driver ~1 s)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
-    versions = {"mvtec_ray": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "scikit-learn": sklearn.__version__, "numpy": np.__version__}
-    try:
-        import faiss
-        versions["faiss"] = faiss.__version__
-    except ImportError:
-        pass
+    versions = {"mvtec_ray": __version__, "numpy": np.__version__}
+    for package, module, distributions in (("torch", "torch", ("torch",)), ("torchvision", "torchvision", ("torchvision",)),
+                                           ("scikit-learn", "sklearn", ("scikit-learn",)),
+                                           ("faiss", "faiss", ("faiss-cpu", "faiss-gpu", "faiss"))):
+        loaded = sys.modules.get(module)
+        if loaded is not None and getattr(loaded, "__version__", None):
+            versions[package] = loaded.__version__
+            continue
+        for distribution in distributions:
+            try:
+                versions[package] = version(distribution)
+                break
+            except PackageNotFoundError:
+                continue
     return {k: str(v) for k, v in versions.items()}  # plain str (torch's is a subclass)
 
 
