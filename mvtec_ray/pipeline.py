@@ -37,7 +37,6 @@ def connect(config: RayConfig) -> None:
     import ray
     if ray.is_initialized():
         return
-    quiet = not log.isEnabledFor(logging.DEBUG)
     # RAY_ADDRESS (set for `ray job submit` drivers, or exported) means "join that cluster"; an
     # http:// one is the job server's, for the `ray job` CLI only
     env_address = os.environ.get("RAY_ADDRESS", "")
@@ -57,17 +56,17 @@ def connect(config: RayConfig) -> None:
                  logging_level=logging.WARNING, configure_logging=True)
     from . import native_stderr
     native_stderr.start_if_requested()  # after ray.init: Ray's daemons keep the real stderr
-    if quiet:
-        # Ray Data's per-dataset INFO lines and its "progress bars disabled" notice: the project
-        # shows its own progress line instead
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def use_ray_data():
     """Ray Data's settings for this driver, set by the stages that stream with it (extraction,
     scoring) right before they build a dataset: a driver that only fits never imports it."""
-    from ray.data import DataContext
+    from ray.data import DataContext  # its import configures Ray Data's loggers: quiet them after it
+    if not log.isEnabledFor(logging.DEBUG):
+        # Ray Data's per-dataset INFO lines and its "progress bars disabled" notice: the project
+        # shows its own progress line instead
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("MVTEC_RAY_PROGRESS", "0") == "1"
     ctx.print_on_execution_start = False

@@ -65,4 +65,5 @@ def test_extract_command_output(small_dataset, tmp_path, debug):
                          env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("has constructor arguments in the object store" in out.stderr) == debug, out.stderr[-3000:]
+    assert ("streaming_executor" in out.stderr) == debug, out.stderr[-3000:]  # Ray Data's INFO lines
     assert "extract: " in out.stderr and " rows" in out.stderr
