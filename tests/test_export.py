@@ -69,7 +69,9 @@ def test_torchscript_scores_equal_the_projects(fitted_lite0, washer_images, tmp_
     """, tmp_path)
     for detector, (scores, threshold) in expected.items():
         result = got[detector]
-        assert result["scores"] == pytest.approx(scores.tolist(), rel=1e-5), detector
+        # float32 through a whole backbone in another process (other thread count, summation order):
+        # the autoencoder's error sums 1,280 squared differences, seen 2e-5 apart
+        assert result["scores"] == pytest.approx(scores.tolist(), rel=1e-4), detector
         assert result["flags"] == [bool(s >= threshold) for s in result["scores"]]
         meta = result["meta"]
         assert (meta["category"], meta["detector"], meta["image_size"]) == ("washer", detector, 224)
