@@ -106,8 +106,12 @@ def request(enabled: bool = True) -> None:
 def start_if_requested() -> None:
     global _active
     if _requested and _active is None:
-        _active = NativeStderrFilter()
-        _active.start()
+        candidate = NativeStderrFilter()
+        try:
+            candidate.start()
+        except OSError:  # no usable stderr (closed by a daemon manager): nothing to filter
+            return
+        _active = candidate
 
 
 def stop() -> None:
