@@ -333,7 +333,7 @@ def test_weights_from_a_local_file_and_from_s3(ray_session, tmp_path, small_data
     row = read_rows(features)
     row = next(r for r in row.values() if r["split"] == "test")
     model = FeatureExtractor(BACKBONES["resnet18"], state)
-    pooled = model(torch.from_numpy(decode_image(Path(row["source_uri"]).read_bytes(), 64)[None]))[0]
+    pooled = model(torch.from_numpy(np.array(decode_image(Path(row["source_uri"]).read_bytes(), 64))[None]))[0]
     np.testing.assert_allclose(pooled[0].numpy(), row["pooled"], rtol=1e-4, atol=1e-5)
 
     s3_server["client"].upload_file(str(path), "mvtec", "weights/resnet18.pth")
