@@ -105,7 +105,7 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
     padim_shape = schema.get("padim_shape")
     extract_cfg = config.extract.model_copy(update={
         "backbone": schema["backbone"], "image_size": schema["image_size"], "patch_dim": schema.get("patch_dim"),
-        "resize_to": schema.get("resize_to"), "resize": schema.get("resize") or "stretch", "padim_channels": int(padim_shape[-1]) if padim_shape else 0,
+        "resize_to": schema.get("resize_to"), "resize": schema["resize"], "padim_channels": int(padim_shape[-1]) if padim_shape else 0,
         "holdout_fraction": 0.0, "synthetic_per_image": 0, "augment_copies": 0})
     # the features the scorer will compute, measured: a model.json edited to claim otherwise is refused
     expect = {"backbone": weights.backbone, "weights_sha256": weights.sha256, "image_size": extract_cfg.image_size,

@@ -18,8 +18,8 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 
 from .images import content_box, crop_box, decode_mask, decode_mask_png
@@ -69,7 +68,6 @@ class PixelProtocol:
         if mask is None:
             return np.zeros((bottom - top, right - left), bool)
         return np.ascontiguousarray(mask[top:bottom, left:right])
-
 
     def maps(self, detector, patch_scores: np.ndarray, shapes: list[tuple[int, int]],
              source_hws) -> list[np.ndarray]:

@@ -441,12 +441,7 @@ class _RunFolder:
             path = Path(target).resolve()  # symlinks too: nothing outside the folder is read
             if not path.is_relative_to(Path(self.uri).resolve()) or not path.is_file():
                 return None
-        try:
-            return self.storage.read_bytes(target)
-        except StorageUnavailable:
-            raise
-        except (FileNotFoundError, StorageError):
-            return None
+        return self._bytes_or_none(target)
 
     def write(self, relative: str, data: bytes) -> str:
         target = join(self.uri, relative)
@@ -461,6 +456,10 @@ class _RunFolder:
             return None  # a local report of S3 data: no credentials assumed
         if not is_s3(uri) and not Path(uri).is_file():
             return None  # e.g. "bucket/key", or a path of another machine
+        return self._bytes_or_none(uri)
+
+    def _bytes_or_none(self, uri: str) -> bytes | None:
+        """The file's bytes, or None when it is missing or unreadable; a storage outage still raises."""
         try:
             return self.storage.read_bytes(uri)
         except StorageUnavailable:

@@ -192,3 +192,14 @@ def test_pixel_metrics_are_computed_on_the_source_image(rod_features, resize):
                                                         align_corners=False)[0, 0].numpy())
             masks.append(decode_mask(Storage().read_bytes(mask_uri), None) if mask_uri else np.zeros((64, 256), bool))
     assert row["pixel_auroc"] == pytest.approx(pixel_auroc(maps, masks), abs=1e-6)
+
+
+def test_models_saved_before_the_option_read_as_stretch(tmp_path):
+    from mvtec_ray.model_store import MODEL_FILE, SCHEMA_KEYS, read_model_info
+    schema = {k: None for k in SCHEMA_KEYS if k != "resize"}  # an older model.json: no "resize"
+    folder = tmp_path / "washer" / "knn"
+    folder.mkdir(parents=True)
+    (folder / MODEL_FILE).write_text(json.dumps({
+        "format": 1, "category": "washer", "detector": "knn", "threshold": 1.0, "schema": schema,
+        "files": [], "version": "v", "input_kind": "pooled"}))
+    assert read_model_info(Storage(), str(tmp_path), "washer", "knn")["schema"]["resize"] == "stretch"
