@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--detectors", default="patchcore,padim")
     parser.add_argument("--resizes", default="stretch,pad")
     args = parser.parse_args()
-    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+    from mvtec_ray.data.sample_data import SampleSpec, generate_sample_dataset
     out = Path(args.out)
     data = out / "data"
     generate_sample_dataset(data, categories=["rod_long"], seed=0, overwrite=True,

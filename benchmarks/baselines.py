@@ -11,8 +11,16 @@ def bare_extract(catalog, config, weights, out_dir: str, storage, threads: int, 
     ``on_batch(seconds since start, rows)`` is called after each written batch, like the Ray
     side's progress list. Returns the number of rows written.
     """
-    from mvtec_ray.extract import Extractor, extraction_metadata, plan_work, prepare_batch, probe_feature_shapes
-    from mvtec_ray.features import EXTRACT_META, SUCCESS, write_shards
+    from mvtec_ray.distributed.extraction import Extractor
+    from mvtec_ray.features.backbones import probe_feature_shapes
+    from mvtec_ray.features.plan import plan_work
+    from mvtec_ray.features.prepare import prepare_batch
+    from mvtec_ray.features.store import (
+        EXTRACT_META,
+        SUCCESS,
+        extraction_metadata,
+        write_shards,
+    )
     from mvtec_ray.storage import join
     started = time.perf_counter()
     plan = plan_work(catalog.entries, config)

@@ -4,7 +4,7 @@
 
 FEATURES: an extraction of the generated data with EfficientNet-Lite0 at 224 px, e.g.
 
-    python -c "from mvtec_ray.sample_data import *; generate_sample_dataset('runs/bench/data', seed=7,
+    python -c "from mvtec_ray.data.sample_data import *; generate_sample_dataset('runs/bench/data', seed=7,
                spec=SampleSpec(n_train=100, n_test_good=10, n_test_defect_per_type=6))"
     python -m mvtec_ray extract --data runs/bench/data --out runs/bench/features --backbone efficientnet_lite0
 
@@ -50,7 +50,7 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 def load_test_masks(features, category: str, size: int = 112) -> np.ndarray:
     """Test masks at a reduced size (a relative comparison of coreset options, not the protocol)."""
-    from mvtec_ray.images import decode_mask_png
+    from mvtec_ray.data.images import decode_mask_png
     return np.stack([_resize_mask(decode_mask_png(png), size) if png else np.zeros((size, size), bool)
                      for p in features.iter_patches(category, "test", with_masks=True) for png in p["mask_png"]])
 
@@ -86,8 +86,13 @@ def _measure(args) -> dict:
     """In a fresh process: one coreset (or a timed prefix of the single greedy), seconds + peak RSS."""
     base_path, n_patches, shard, steps_cap = args
     import torch
-    from mvtec_ray.detectors.coreset import (coreset_size, greedy_kcenter, project_source,
-                                             select_coreset)
+
+    from mvtec_ray.detectors.coreset import (
+        coreset_size,
+        greedy_kcenter,
+        project_source,
+        select_coreset,
+    )
     X = real_like(np.load(base_path), n_patches)
     before = _rss_mb()
     t0 = time.perf_counter()
@@ -114,7 +119,7 @@ def fit_eval(params: dict, train, val, test, masks=None) -> dict:
     """Fit seconds, val / test image AUROC, test pixel AUROC, and the bank's covering radius
     of the training patches (full dimension)."""
     from mvtec_ray.detectors.patch import PatchCore
-    from mvtec_ray.evaluation import pixel_auroc
+    from mvtec_ray.evaluation.pixel_metrics import pixel_auroc
     t0 = time.perf_counter()
     det = PatchCore(**params).fit(train)
     fit = time.perf_counter() - t0
@@ -139,7 +144,7 @@ def main() -> int:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from mvtec_ray.detectors.patch import PatchCore
-    from mvtec_ray.features import FeatureSet
+    from mvtec_ray.features.store import FeatureSet
     features = FeatureSet.open(args.features)
     cats = features.categories()
     print(f"load_average={os.getloadavg()[0]:.1f}", flush=True)

@@ -28,7 +28,8 @@ def make_images(root: Path, n: int, size: int) -> None:
     """``n`` distinct PNGs of ``size`` px under ``root/bench/train/good`` (and one test image)."""
     import numpy as np
     from PIL import Image
-    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+
+    from mvtec_ray.data.sample_data import SampleSpec, generate_sample_dataset
     base = root.parent / "_base"  # the generator's own output stays outside the catalogued root
     generate_sample_dataset(base, categories=["carpet_like"], spec=SampleSpec(
         n_train=8, n_test_good=1, n_test_defect_per_type=1, size=size))
@@ -47,10 +48,10 @@ def make_images(root: Path, n: int, size: int) -> None:
 
 def side(which: str, data: str, out: str, args) -> None:
     started = time.perf_counter()
-    from mvtec_ray.backbones import resolve_weights
-    from mvtec_ray.catalog import build_catalog
     from mvtec_ray.config import ExtractConfig, RayConfig
+    from mvtec_ray.data.catalog import build_catalog
     from mvtec_ray.errors import WeightsUnavailable
+    from mvtec_ray.features.backbones import resolve_weights
     from mvtec_ray.storage import Storage, join
     storage = Storage()
     try:
@@ -69,8 +70,8 @@ def side(which: str, data: str, out: str, args) -> None:
         rows = bare_extract(catalog, config, weights, join(out, config.fingerprint()), storage, threads,
                             on_batch=lambda t, n: timeline.append((t, n)))
     else:
-        from mvtec_ray.extract import cluster_plan, run_extraction
-        from mvtec_ray.pipeline import connect
+        from mvtec_ray.distributed.cluster import cluster_plan, connect
+        from mvtec_ray.distributed.extraction import run_extraction
         connect(RayConfig())
         print(f"ray plan: {cluster_plan(config)}")
         result = run_extraction(catalog, out, config, storage, weights, progress=timeline)

@@ -80,7 +80,12 @@ def category_features(rng: np.random.Generator, n_train: int, n_test: int, dim: 
 def write_feature_store(root: str, n_categories: int, n_train: int, n_test: int, dim: int, seed: int,
                         shard_rows: int = 16) -> str:
     """A complete feature store as extraction writes it (small shards, metadata, success marker)."""
-    from mvtec_ray.features import EXTRACT_META, META_COLUMNS, SUCCESS, write_shards
+    from mvtec_ray.features.store import (
+        EXTRACT_META,
+        META_COLUMNS,
+        SUCCESS,
+        write_shards,
+    )
     from mvtec_ray.storage import Storage, join
     storage = Storage()
     fingerprint = f"synthetic{seed:04d}"
@@ -130,10 +135,11 @@ def write_feature_store(root: str, n_categories: int, n_train: int, n_test: int,
 # -- the two ways of fitting -------------------------------------------------------
 def run_sequential(features_dir: str, out_uri: str, detectors: list[str]):
     import pandas as pd
+
     from mvtec_ray.config import EvaluationConfig
-    from mvtec_ray.evaluation import summarise
-    from mvtec_ray.features import FeatureSet
-    from mvtec_ray.fitting import fit_category_detector
+    from mvtec_ray.evaluation.summary import summarise
+    from mvtec_ray.features.store import FeatureSet
+    from mvtec_ray.fit.cell import fit_category_detector
     from mvtec_ray.storage import Storage
     storage = Storage()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -150,9 +156,11 @@ def run_sequential(features_dir: str, out_uri: str, detectors: list[str]):
 
 def run_ray(features_dir: str, out_uri: str, detectors: list[str], cpus: int):
     import ray
-    from mvtec_ray.config import RayConfig, load_config
-    from mvtec_ray.features import FeatureSet
-    from mvtec_ray.pipeline import connect, run_fit
+
+    from mvtec_ray.config import load_config
+    from mvtec_ray.distributed.cluster import connect
+    from mvtec_ray.distributed.pipeline import run_fit
+    from mvtec_ray.features.store import FeatureSet
     from mvtec_ray.storage import Storage
     storage = Storage()
     config = load_config(None, {"out": out_uri, "detectors.names": detectors, "detectors.cpus_per_task": 1,

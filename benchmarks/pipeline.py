@@ -29,15 +29,15 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None, config
     threads = os.cpu_count() or 1
     import torch
     torch.set_num_threads(threads)
-    from mvtec_ray.backbones import resolve_weights
-    from mvtec_ray.catalog import build_catalog
     from mvtec_ray.config import load_config
-    from mvtec_ray.evaluation import summarise
-    from mvtec_ray.features import FeatureSet
-    from mvtec_ray.fitting import fit_category_detector
-    from mvtec_ray.model_store import write_manifest
-    from mvtec_ray.pipeline import write_outputs
-    from mvtec_ray.report import write_report
+    from mvtec_ray.data.catalog import build_catalog
+    from mvtec_ray.deploy.model_files import write_manifest
+    from mvtec_ray.evaluation.summary import summarise
+    from mvtec_ray.features.backbones import resolve_weights
+    from mvtec_ray.features.store import FeatureSet
+    from mvtec_ray.fit.cell import fit_category_detector
+    from mvtec_ray.report.html import write_report
+    from mvtec_ray.report.outputs import write_outputs
     from mvtec_ray.storage import Storage, join
 
     overrides = {"data": data, "out": out, "extract.backbone": backbone, "detectors.names": detectors}
@@ -95,7 +95,7 @@ def main() -> None:
     try:
         data = args.data or os.path.join(scratch, "data")
         if not args.data:
-            from mvtec_ray.sample_data import generate_sample_dataset
+            from mvtec_ray.data.sample_data import generate_sample_dataset
             generate_sample_dataset(data)
         print(f"load average before: {load_average()}")
         common = ["--data", data, "--backbone", args.backbone] + (["--detectors", args.detectors] if args.detectors else [])

@@ -47,8 +47,8 @@ DETECTORS = ["knn", "patchcore"]
 # -- setup (parent process) -------------------------------------------------------------
 def fit_models(work: Path, size: int, image_size: int, num_cpus: int) -> Path:
     from mvtec_ray.config import load_config
-    from mvtec_ray.pipeline import run_pipeline
-    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+    from mvtec_ray.data.sample_data import SampleSpec, generate_sample_dataset
+    from mvtec_ray.distributed.pipeline import run_pipeline
     data = work / "train-data"
     generate_sample_dataset(data, categories=[CATEGORY], seed=1,
                             spec=SampleSpec(n_train=24, n_test_good=4, n_test_defect_per_type=2, size=size))
@@ -67,7 +67,8 @@ def fit_models(work: Path, size: int, image_size: int, num_cpus: int) -> Path:
 def make_images(folder: Path, n: int, size: int) -> None:
     """n distinct PNGs: rendered normals (and a few defects) plus per-image noise."""
     from PIL import Image
-    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+
+    from mvtec_ray.data.sample_data import SampleSpec, generate_sample_dataset
     generate_sample_dataset(folder / "_base", categories=[CATEGORY], seed=7,
                             spec=SampleSpec(n_train=32, n_test_good=0, n_test_defect_per_type=2, size=size))
     bases = [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
@@ -202,9 +203,8 @@ def driver_peak_mb() -> float:
 
 def measure_ray(models: str, images: str, out: str, batch_size: int, num_cpus: int, threads: int | None) -> dict:
     from mvtec_ray.config import RayConfig, load_config
-    from mvtec_ray.extract import cluster_plan
-    from mvtec_ray.pipeline import connect
-    from mvtec_ray.scoring import run_scoring
+    from mvtec_ray.distributed.cluster import cluster_plan, connect
+    from mvtec_ray.distributed.scoring import run_scoring
     config = load_config(None, {"out": out, "extract.batch_size": batch_size, "extract.torch_threads": threads})
     connect(RayConfig(num_cpus=num_cpus))
     with ProcessMonitor() as monitor:
@@ -217,10 +217,12 @@ def measure_ray(models: str, images: str, out: str, batch_size: int, num_cpus: i
 
 def measure_bare(models: str, images: str, out: str, batch_size: int, threads: int) -> dict:
     """decode + features + detectors + shard writing, one process, no Ray."""
-    from mvtec_ray.backbones import resolve_weights
     from mvtec_ray.config import ExtractConfig
-    from mvtec_ray.model_store import list_models, load_model
-    from mvtec_ray.scoring import Scorer, _prepare_or_reject, iter_listing, write_score_shards
+    from mvtec_ray.deploy.listing import iter_listing
+    from mvtec_ray.deploy.model_files import list_models, load_model
+    from mvtec_ray.deploy.scorer import Scorer, write_score_shards
+    from mvtec_ray.deploy.scorer import prepare_or_reject as _prepare_or_reject
+    from mvtec_ray.features.backbones import resolve_weights
     from mvtec_ray.storage import Storage
     storage = Storage()
     started = time.perf_counter()

@@ -55,13 +55,14 @@ def main() -> None:
     import ray
 
     from mvtec_ray.config import DEFAULT_SEARCH_GRIDS, RayConfig, SearchConfig
-    from mvtec_ray.pipeline import connect
-    from mvtec_ray.search import plan_trials, run_trials, validation_view
+    from mvtec_ray.distributed.cluster import connect
+    from mvtec_ray.distributed.search import run_trials
+    from mvtec_ray.fit.search import plan_trials, validation_view
 
     logging.basicConfig(level=logging.WARNING)
     connect(RayConfig(num_cpus=args.num_cpus))
     if args.features:
-        from mvtec_ray.features import FeatureSet
+        from mvtec_ray.features.store import FeatureSet
         features = FeatureSet.open(args.features)
         views = {c: ray.put(validation_view(features.load_pooled(c))) for c in features.categories()}
     else:

@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-    from mvtec_ray.config import RayConfig, RunConfig
-    from mvtec_ray.model_set import ModelSet, plan_models
-    from mvtec_ray.pipeline import connect
-    from mvtec_ray.serving import ServeArgs, start
-    from mvtec_ray.images import decode_image
-    from mvtec_ray.storage import Storage
     from ray import serve
+
+    from mvtec_ray.config import RayConfig, RunConfig
+    from mvtec_ray.data.images import decode_image
+    from mvtec_ray.deploy.loaded_models import ModelSet, plan_models
+    from mvtec_ray.distributed.cluster import connect
+    from mvtec_ray.distributed.serve import ServeArgs, start
+    from mvtec_ray.storage import Storage
 
     detectors = [d for d in (args.detectors or "").split(",") if d] or None
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:64]

@@ -109,9 +109,10 @@ def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.ERROR)
     from mvtec_ray.config import RayConfig, load_config
-    from mvtec_ray.detectors import detector_class
-    from mvtec_ray.features import FeatureSet
-    from mvtec_ray.pipeline import connect, run_fit
+    from mvtec_ray.detectors.registry import detector_class
+    from mvtec_ray.distributed.cluster import connect
+    from mvtec_ray.distributed.pipeline import run_fit
+    from mvtec_ray.features.store import FeatureSet
     from mvtec_ray.storage import Storage
 
     with tempfile.TemporaryDirectory(prefix="study-pre-") as tmp:

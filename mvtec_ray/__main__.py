@@ -1,6 +1,6 @@
 """``python -m mvtec_ray`` = the ``mvtec-ray`` command."""
 import sys
 
-from .cli import main
+from mvtec_ray.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ import re
 import sys
 import time
 
-from .errors import UserError
+from mvtec_ray.errors import UserError
 
 log = logging.getLogger("mvtec_ray")
 
@@ -116,7 +116,7 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import load_config
+    from mvtec_ray.config import load_config
     get = lambda name: getattr(args, name, None)  # noqa: E731
     overrides = {
         "data": get("data"), "out": get("out"), "categories": _split(get("categories")),
@@ -143,7 +143,7 @@ def _require(config, *fields: str) -> None:
 
 
 def cmd_sample_data(args) -> int:
-    from .sample_data import ALL_CATEGORIES, generate_sample_dataset
+    from mvtec_ray.data.sample_data import ALL_CATEGORIES, generate_sample_dataset
     categories = _split(args.categories)
     unknown = sorted(set(categories or []) - set(ALL_CATEGORIES))
     if unknown:
@@ -161,22 +161,28 @@ def cmd_sample_data(args) -> int:
 
 def _preflight(config):
     """Everything a person can get wrong, checked before the heavy imports and before Ray starts."""
-    from .manifest import dataset_catalog
-    from .storage import Storage
+    from mvtec_ray.data.manifest import dataset_catalog
+    from mvtec_ray.storage import Storage
     storage = Storage(config.s3)
     catalog = dataset_catalog(config.data, config.manifest, storage, config.categories)
-    from .backbones import resolve_weights  # torch: only once the data is known to be there
+    from mvtec_ray.features.backbones import (
+        resolve_weights,  # torch: only once the data is known to be there
+    )
     weights = resolve_weights(config.extract.backbone, config.extract.weights, storage)
     return storage, catalog, weights
 
 
 def cmd_run(args) -> int:
-    from .storage import Storage
+    from mvtec_ray.storage import Storage
     config = config_from_args(args)
     _require(config, "data", "out")
     _, catalog, weights = _preflight(config)
-    from .pipeline import run_pipeline
-    from .report import format_results_table, format_tuning_table, write_report
+    from mvtec_ray.distributed.pipeline import run_pipeline
+    from mvtec_ray.report.html import (
+        format_results_table,
+        format_tuning_table,
+        write_report,
+    )
     started = time.perf_counter()
     outputs = run_pipeline(config, features_uri=args.features, catalog=catalog, weights=weights)
     _print_extraction(outputs.extraction)
@@ -206,8 +212,8 @@ def cmd_extract(args) -> int:
     storage, catalog, weights = _preflight(config)
     for warning in catalog.warnings[:20]:
         log.warning(warning)
-    from .extract import run_extraction
-    from .pipeline import connect
+    from mvtec_ray.distributed.cluster import connect
+    from mvtec_ray.distributed.extraction import run_extraction
     connect(config.ray)
     result = run_extraction(catalog, config.out, config.extract, storage, weights)
     _print_extraction(result)
@@ -217,14 +223,20 @@ def cmd_extract(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from .features import FeatureSet
-    from .storage import Storage
+    from mvtec_ray.features.store import FeatureSet
+    from mvtec_ray.storage import Storage
     config = config_from_args(args)
     _require(config, "out")
     storage = Storage(config.s3)
     features = FeatureSet.open(args.features, storage)
-    from .pipeline import connect, run_fit, write_outputs
-    from .report import format_results_table, format_tuning_table, write_report
+    from mvtec_ray.distributed.cluster import connect
+    from mvtec_ray.distributed.pipeline import run_fit
+    from mvtec_ray.report.html import (
+        format_results_table,
+        format_tuning_table,
+        write_report,
+    )
+    from mvtec_ray.report.outputs import write_outputs
     connect(config.ray)
     results, scores = run_fit(features, config.out, config, storage)
     errors = features.error_rows().to_pandas()
@@ -237,7 +249,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .scoring import run_scoring
+    from mvtec_ray.distributed.scoring import run_scoring
     config = config_from_args(args)
     _require(config, "out")
     summary = run_scoring(config, models_uri=args.models, images_uri=args.images, category=args.category,
@@ -247,7 +259,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .service import TOKEN_ENV, token_digest
+    from mvtec_ray.deploy.api import TOKEN_ENV, token_digest
     config = config_from_args(args)
     token = None
     if args.token_file:
@@ -262,7 +274,7 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving on %s without a token: anyone who reaches this address can use the API "
                     "(--token-file or %s)", args.host, TOKEN_ENV)
-    from .serving import ServeArgs, run_service
+    from mvtec_ray.distributed.serve import ServeArgs, run_service
     serve_args = ServeArgs(models=args.models, categories=config.categories, detectors=_split(args.detectors),
                            token_sha256=token_digest(token) if token else None, max_batch_size=args.max_batch_size,
                            max_replicas=args.max_replicas)
@@ -270,7 +282,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_model
+    from mvtec_ray.deploy.export import export_model
     config = config_from_args(args)
     path = export_model(config, args.models, args.category, args.detector, args.format, args.output)
     print(f"wrote {path}")
@@ -278,8 +290,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
-    from .storage import Storage, is_s3
+    from mvtec_ray.report.html import write_report
+    from mvtec_ray.storage import Storage, is_s3
     config = config_from_args(args)
     if not is_s3(args.out) and not os.path.isdir(args.out):
         raise UserError(f"not a run folder: {args.out}")
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ray", "filelock", "urllib3", "botocore", "matplotlib", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from . import native_stderr
+    from mvtec_ray.distributed import native_stderr
     native_stderr.request(not args.debug)  # Ray's C++ notices a user cannot act on
     try:
         return COMMANDS[args.command](args)
@@ -326,7 +338,7 @@ def find_user_error(exc: BaseException) -> UserError | None:
     """The UserError behind ``exc``: itself, one in its chain (``.cause``, ``__cause__``,
     ``__context__``), or one raised remotely, which Ray Data delivers only as traceback text
     inside a UserCodeException."""
-    from . import errors
+    from mvtec_ray import errors
     found, seen, chain, todo = None, set(), [], [exc]
     while todo:
         current = todo.pop(0)

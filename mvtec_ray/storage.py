@@ -17,8 +17,8 @@ from typing import Callable, Iterator, TypeVar
 
 import pyarrow.fs as pafs
 
-from .config import S3Settings
-from .errors import StorageError, StorageUnavailable
+from mvtec_ray.config import S3Settings
+from mvtec_ray.errors import StorageError, StorageUnavailable
 
 T = TypeVar("T")
 

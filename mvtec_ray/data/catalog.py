@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .errors import CatalogError
-from .storage import Storage, is_s3
+from mvtec_ray.errors import CatalogError
+from mvtec_ray.storage import Storage, is_s3
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 ENTRY_COLUMNS = ["image_id", "uri", "category", "split", "label", "defect_type", "mask_uri",

@@ -6,15 +6,11 @@ can be traced back to its source file and the exact transform parameters.
 from __future__ import annotations
 
 import io
-import json
-import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
@@ -234,136 +230,8 @@ def _short(exc: BaseException) -> str:
 
 
 # -- augmentation -------------------------------------------------------------
-def sample_augmentation(rng: np.random.Generator, ops: list[str]) -> dict:
-    """Draw concrete transform parameters (recorded with the row)."""
-    params: dict = {}
-    if "hflip" in ops and rng.random() < 0.5:
-        params["hflip"] = True
-    if "vflip" in ops and rng.random() < 0.5:
-        params["vflip"] = True
-    if "rot90" in ops:
-        params["rot90"] = int(rng.integers(0, 4))
-    if "affine" in ops:
-        params["affine"] = {"scale": round(float(rng.uniform(0.9, 1.1)), 4),
-                            "translate": [int(rng.integers(-8, 9)), int(rng.integers(-8, 9))]}
-    if "blur" in ops and rng.random() < 0.3:
-        params["blur_sigma"] = round(float(rng.uniform(0.3, 1.2)), 4)
-    if "noise" in ops and rng.random() < 0.3:
-        params["noise_std"] = round(float(rng.uniform(1.0, 6.0)), 4)
-        params["noise_seed"] = int(rng.integers(0, 2**31 - 1))
-    if "color" in ops:
-        params["brightness"] = round(float(rng.uniform(0.9, 1.1)), 4)
-        params["contrast"] = round(float(rng.uniform(0.9, 1.1)), 4)
-    return params
-
-
-def apply_augmentation(image: np.ndarray, params: dict) -> np.ndarray:
-    """Apply recorded parameters with torchvision.transforms.v2 (uint8 HWC in and out)."""
-    # writable and contiguous (a copy only when needed): torch warns on read-only arrays
-    tensor = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
-    if params.get("hflip"):
-        tensor = TF.horizontal_flip(tensor)
-    if params.get("vflip"):
-        tensor = TF.vertical_flip(tensor)
-    if params.get("rot90"):
-        tensor = torch.rot90(tensor, k=params["rot90"], dims=(1, 2))
-    if "affine" in params:
-        a = params["affine"]
-        tensor = TF.affine(tensor, angle=0.0, translate=a["translate"], scale=a["scale"], shear=[0.0, 0.0],
-                           interpolation=TF.InterpolationMode.BILINEAR)
-    if "blur_sigma" in params:
-        sigma = params["blur_sigma"]
-        kernel = max(3, int(2 * math.ceil(3 * sigma) + 1))
-        tensor = TF.gaussian_blur(tensor, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
-    if "brightness" in params:
-        tensor = TF.adjust_brightness(tensor, params["brightness"])
-    if "contrast" in params:
-        tensor = TF.adjust_contrast(tensor, params["contrast"])
-    out = tensor.permute(1, 2, 0).numpy()
-    if "noise_std" in params:
-        noise = np.random.default_rng(params["noise_seed"]).normal(0.0, params["noise_std"], out.shape)
-        out = np.clip(out.astype(np.float32) + noise, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(out)
 
 
 # -- synthetic anomalies ------------------------------------------------------
-def make_synthetic_anomaly(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Draw one local defect; returns (image, bool mask, parameters)."""
-    h, w = image.shape[:2]
-    out = image.copy()
-    if kind == "scratch":
-        pil = Image.fromarray(out)
-        mask_img = Image.new("L", (w, h), 0)
-        n = int(rng.integers(3, 6))
-        x0, y0 = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
-        angle = rng.uniform(0, 2 * math.pi)
-        length = rng.uniform(0.15, 0.35) * min(h, w)
-        points = []
-        for i in range(n):
-            t = i / (n - 1) - 0.5
-            bend = rng.normal(0, 0.05) * length
-            points.append((x0 + t * length * math.cos(angle) - bend * math.sin(angle),
-                           y0 + t * length * math.sin(angle) + bend * math.cos(angle)))
-        width = max(2, int(round(rng.uniform(0.008, 0.02) * min(h, w))))
-        colour = tuple(int(c) for c in (rng.integers(0, 50, 3) if rng.random() < 0.5 else rng.integers(205, 256, 3)))
-        ImageDraw.Draw(pil).line(points, fill=colour, width=width, joint="curve")
-        ImageDraw.Draw(mask_img).line(points, fill=255, width=width, joint="curve")
-        out, mask = np.asarray(pil).copy(), np.asarray(mask_img) > 0
-        params = {"points": [[round(x, 1), round(y, 1)] for x, y in points], "width": width, "colour": colour}
-    elif kind == "spot":
-        radius = rng.uniform(0.03, 0.08) * min(h, w)
-        cy, cx = rng.uniform(radius, h - radius), rng.uniform(radius, w - radius)
-        yy, xx = np.mgrid[0:h, 0:w]
-        distance = np.sqrt(((yy - cy) / radius) ** 2 + ((xx - cx) / (radius * rng.uniform(0.6, 1.4))) ** 2)
-        alpha = np.clip(1.2 - distance, 0, 1)[..., None]
-        colour = rng.integers(0, 90, 3).astype(np.float32)
-        out = (out * (1 - alpha) + colour * alpha).astype(np.uint8)
-        mask = alpha[..., 0] > 0.2
-        params = {"center": [round(cy, 1), round(cx, 1)], "radius": round(radius, 1), "colour": colour.tolist()}
-    elif kind in ("cutpaste", "missing", "twist"):
-        ph, pw = (int(rng.uniform(0.08, 0.2) * h), int(rng.uniform(0.08, 0.2) * w))
-        y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
-        mask = np.zeros((h, w), bool)
-        if kind == "cutpaste":
-            sy, sx = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
-            patch = image[sy:sy + ph, sx:sx + pw].astype(np.float32)
-            patch = patch * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30)
-            out[y:y + ph, x:x + pw] = np.clip(np.rot90(patch, k=int(rng.integers(0, 4)))[:ph, :pw]
-                                              if ph == pw else patch, 0, 255).astype(np.uint8)
-            mask[y:y + ph, x:x + pw] = True
-            params = {"box": [y, x, ph, pw], "source": [sy, sx]}
-        elif kind == "missing":
-            fill = np.median(image.reshape(-1, 3), axis=0) if rng.random() < 0.5 else rng.integers(0, 40, 3)
-            out[y:y + ph, x:x + pw] = np.asarray(fill, dtype=np.uint8)
-            mask[y:y + ph, x:x + pw] = True
-            params = {"box": [y, x, ph, pw], "fill": np.asarray(fill).astype(int).tolist()}
-        else:  # a local swirl: pixels inside a disc rotated by an angle falling off with radius
-            radius = max(ph, pw) / 1.5
-            cy, cx = y + ph / 2, x + pw / 2
-            strength = rng.uniform(1.5, 3.0) * (1 if rng.random() < 0.5 else -1)
-            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-            dy, dx = yy - cy, xx - cx
-            r = np.sqrt(dy ** 2 + dx ** 2)
-            theta = strength * np.clip(1 - r / radius, 0, 1) ** 2
-            sy = np.clip(cy + dy * np.cos(theta) - dx * np.sin(theta), 0, h - 1).astype(int)
-            sx = np.clip(cx + dy * np.sin(theta) + dx * np.cos(theta), 0, w - 1).astype(int)
-            out = image[sy, sx]
-            moved = (np.abs(out.astype(int) - image.astype(int)).sum(-1) > 12) & (r < radius)
-            mask = moved if moved.any() else (r < radius * 0.5)
-            params = {"center": [round(cy, 1), round(cx, 1)], "radius": round(radius, 1),
-                      "strength": round(strength, 3)}
-    else:
-        raise ValueError(f"unknown synthetic anomaly kind {kind!r}")
-    params["kind"] = kind
-    return np.ascontiguousarray(out), mask, params
 
 
-def params_json(params: dict) -> str:
-    return json.dumps(params, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-
-
-def row_rng(*keys: object) -> np.random.Generator:
-    """A generator seeded from stable keys (strings hashed with blake2b, not Python's hash)."""
-    import hashlib
-    digest = hashlib.blake2b("|".join(map(str, keys)).encode(), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))

@@ -16,9 +16,9 @@ import posixpath
 import pandas as pd
 import pyarrow.fs as pafs
 
-from .catalog import ENTRY_COLUMNS, SKIPPED_COLUMNS, Catalog
-from .errors import CatalogError
-from .storage import Storage, is_s3
+from mvtec_ray.data.catalog import ENTRY_COLUMNS, SKIPPED_COLUMNS, Catalog
+from mvtec_ray.errors import CatalogError
+from mvtec_ray.storage import Storage, is_s3
 
 REQUIRED_COLUMNS = ["path", "category", "split", "label"]
 OPTIONAL_COLUMNS = ["defect_type", "mask_path", "image_id"]
@@ -195,7 +195,7 @@ def _raise_first(problems: list[str]) -> None:
 
 def dataset_catalog(data: str, manifest: str, storage: Storage, categories: list[str] | None = None) -> Catalog:
     """The catalog of a run: from ``manifest`` when given, else from the folder ``data``."""
-    from .catalog import build_catalog
+    from mvtec_ray.data.catalog import build_catalog
     if data and manifest:
         raise CatalogError("give either a dataset folder (--data) or a manifest (--manifest), not both")
     if manifest:

@@ -1,9 +1,9 @@
 """The online scoring service without its transport: request checks, scoring, JSON answers.
 
-The Ray Serve glue (:mod:`mvtec_ray.serving`) turns HTTP requests into calls of
+The Ray Serve glue (:mod:`mvtec_ray.distributed.serve`) turns HTTP requests into calls of
 :class:`ScoringService`; everything here is plain Python and testable without Ray. Images go the
-batch job's way: :func:`~mvtec_ray.images.decode_image` with the same limits, then
-:class:`~mvtec_ray.model_set.ModelSet` (the one feature path), so a served score equals the
+batch job's way: :func:`~mvtec_ray.data.images.decode_image` with the same limits, then
+:class:`~mvtec_ray.deploy.loaded_models.ModelSet` (the one feature path), so a served score equals the
 batch score of the same bytes.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import RunConfig
-from .images import DecodeError, decode_image
-from .model_set import ModelPlan, ModelSet, Scored, plan_models
-from .storage import Storage
+from mvtec_ray.config import RunConfig
+from mvtec_ray.data.images import DecodeError, decode_image
+from mvtec_ray.deploy.loaded_models import ModelPlan, ModelSet, Scored, plan_models
+from mvtec_ray.storage import Storage
 
 #: environment variable holding the bearer token (when no token file is given)
 TOKEN_ENV = "MVTEC_RAY_TOKEN"

@@ -2,7 +2,7 @@
 ONNX file that needs only torch (or an ONNX runtime), not this project.
 
 The exported module takes ``images``: a uint8 tensor ``(N, S, S, 3)``, RGB, already resized to the
-models' image size ``S`` (as :func:`~mvtec_ray.images.decode_image` does), and returns
+models' image size ``S`` (as :func:`~mvtec_ray.data.images.decode_image` does), and returns
 ``(scores float64 (N,), is_anomaly bool (N,))`` with the project's convention (higher = more
 anomalous, anomalous iff ``score >= threshold``). Its metadata (category, detector, threshold,
 backbone, weights, image size) travels in the file (TorchScript: extra file ``mvtec_ray.json``).
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RunConfig
-from .detectors.preprocess import Preprocessor
-from .errors import UserError
-from .model_set import ModelSet, plan_models
-from .storage import Storage
+from mvtec_ray.config import RunConfig
+from mvtec_ray.deploy.loaded_models import ModelSet, plan_models
+from mvtec_ray.detectors.preprocess import Preprocessor
+from mvtec_ray.errors import UserError
+from mvtec_ray.storage import Storage
 
 EXPORTABLE = ("knn", "patchcore", "mahalanobis", "padim", "autoencoder")
 META_FILE = "mvtec_ray.json"

@@ -3,7 +3,7 @@
 :func:`plan_models` checks a models folder once (one feature schema, the backbone weights the
 models were fitted with, the features' real shapes, a probe of every model) and says how to
 compute their features; :class:`ModelSet` holds the backbone and every model of some categories
-and scores uint8 images through the one feature path (:func:`~mvtec_ray.backbones.embed_images`).
+and scores uint8 images through the one feature path (:func:`~mvtec_ray.features.backbones.embed_images`).
 """
 from __future__ import annotations
 
@@ -12,13 +12,27 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .backbones import BACKBONES, RANDOM_WEIGHTS_ID, FeatureExtractor, ResolvedWeights, embed_images, \
-    prepare_for_device, resolve_weights
-from .config import ExtractConfig, RunConfig
-from .errors import ModelMismatch, UserError
-from .images import DecodeLimits
-from .model_store import SCHEMA_KEYS, StoredModel, check_schema, list_models, load_model, read_model_info
-from .storage import Storage
+from mvtec_ray.config import ExtractConfig, RunConfig
+from mvtec_ray.data.images import DecodeLimits
+from mvtec_ray.deploy.model_files import (
+    SCHEMA_KEYS,
+    StoredModel,
+    check_schema,
+    list_models,
+    load_model,
+    read_model_info,
+)
+from mvtec_ray.errors import ModelMismatch, UserError
+from mvtec_ray.features.backbone_specs import BACKBONES
+from mvtec_ray.features.backbones import (
+    RANDOM_WEIGHTS_ID,
+    FeatureExtractor,
+    ResolvedWeights,
+    embed_images,
+    prepare_for_device,
+    resolve_weights,
+)
+from mvtec_ray.storage import Storage
 
 
 @dataclass
@@ -75,7 +89,7 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
     differ from the fit's, and any model that does not load or score a blank input of its schema.
     Models are loaded one at a time: the caller never holds them all here.
     """
-    from .extract import probe_feature_shapes
+    from mvtec_ray.features.backbones import probe_feature_shapes
     pairs = list_models(storage, models_uri)
     if not pairs:
         raise UserError(f"no fitted models under {models_uri} (run 'mvtec-ray fit' or 'run' first)")

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .detectors import Detector, load_detector
-from .errors import ModelMismatch, UserError
-from .storage import Storage, is_s3, join, safe_join
+from mvtec_ray.detectors.base import Detector
+from mvtec_ray.detectors.registry import load_detector
+from mvtec_ray.errors import ModelMismatch, UserError
+from mvtec_ray.storage import Storage, is_s3, join, safe_join
+from mvtec_ray.versions import MODEL_PACKAGES, package_versions
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.json"
@@ -66,27 +67,8 @@ class StoredModel:
 
 
 def runtime_versions() -> dict[str, str]:
-    """Versions of the packages that save/load detector state, in this process: a package's own
-    ``__version__`` once it is imported, else its installed distribution's (importing scikit-learn
-    just to read its version cost a scoring driver ~1 s)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__
-    versions = {"mvtec_ray": __version__, "numpy": np.__version__}
-    for package, module, distributions in (("torch", "torch", ("torch",)), ("torchvision", "torchvision", ("torchvision",)),
-                                           ("scikit-learn", "sklearn", ("scikit-learn",)),
-                                           ("faiss", "faiss", ("faiss-cpu", "faiss-gpu", "faiss"))):
-        loaded = sys.modules.get(module)
-        if loaded is not None and getattr(loaded, "__version__", None):
-            versions[package] = loaded.__version__
-            continue
-        for distribution in distributions:
-            try:
-                versions[package] = version(distribution)
-                break
-            except PackageNotFoundError:
-                continue
-    return {k: str(v) for k, v in versions.items()}  # plain str (torch's is a subclass)
+    """Versions of the packages that save/load detector state, in this process."""
+    return package_versions(MODEL_PACKAGES)
 
 
 def save_model(storage: Storage, models_uri: str, category: str, detector: Detector, threshold: float,

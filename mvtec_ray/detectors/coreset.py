@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .base import iter_chunks
+from mvtec_ray.detectors.base import iter_chunks
 
 
 # -- chunk sources -----------------------------------------------------------
@@ -402,7 +402,7 @@ def select_coreset(X: Any, ratio: float = 0.1, projection_dim: int = 128, seed: 
     """Streaming PatchCore coreset: project (pass 1), greedy k-center, gather (pass 2).
 
     ``shard_patches`` / ``oversample``: see :func:`sharded_kcenter`; ``runner`` runs the
-    shard greedies elsewhere (e.g. as Ray tasks, :mod:`mvtec_ray.coreset_tasks`).
+    shard greedies elsewhere (e.g. as Ray tasks, :mod:`mvtec_ray.distributed.coreset`).
     ``memory_budget_mb`` bounds each float32 chunk made from the input. On top of it
     live the projected matrix (``n_patches x projection_dim`` float32) and the bank
     (``n_coreset x C`` float32); with ``projection_dim >= C`` nothing is projected and

@@ -3,7 +3,7 @@
 Input: the ``padim`` feature column (``feature_column``): the backbone's stride-4, -8 and -16
 maps (ResNet layer1-3), the coarser ones upsampled to the stride-4 grid with nearest neighbour,
 of which extraction keeps a fixed random subset of channels (per backbone, as anomalib's
-defaults: resnet18 100, wide_resnet50_2 550; see :mod:`mvtec_ray.backbone_specs`). Fit: mean and
+defaults: resnet18 100, wide_resnet50_2 550; see :mod:`mvtec_ray.features.backbone_specs`). Fit: mean and
 covariance per position, regularised by ``eps * I`` (0.01 in the paper), optionally shrunk
 towards ``trace/d * I``. Anomaly map: Mahalanobis distance per position; image score: its max.
 """
@@ -16,10 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import register
-from .base import load_arrays, save_arrays
-from .coreset import budget_bytes, iter_budget_chunks, resolve_torch_device
-from .patch import _PatchDetector, _peak_rss_mb
+from mvtec_ray.detectors.base import load_arrays, save_arrays
+from mvtec_ray.detectors.coreset import (
+    budget_bytes,
+    iter_budget_chunks,
+    resolve_torch_device,
+)
+from mvtec_ray.detectors.patch import _PatchDetector, _peak_rss_mb
+from mvtec_ray.detectors.registry import register
 
 
 @register

@@ -22,10 +22,14 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from . import register
-from .base import Detector, iter_chunks, load_arrays, save_arrays
-from .coreset import (budget_bytes, iter_budget_chunks, resolve_torch_device,
-                      select_coreset)
+from mvtec_ray.detectors.base import Detector, iter_chunks, load_arrays, save_arrays
+from mvtec_ray.detectors.coreset import (
+    budget_bytes,
+    iter_budget_chunks,
+    resolve_torch_device,
+    select_coreset,
+)
+from mvtec_ray.detectors.registry import register
 
 STATS_FILE = "fit_stats.json"
 
@@ -212,17 +216,17 @@ class PatchCore(_PatchDetector):
         self.fit_stats_ = stats
         return self
 
+    #: runs the coreset's shard greedies when ``coreset_ray_tasks`` is on: injected by the caller
+    #: (the Ray fit task gives a runner that makes each shard a Ray task); None runs them here
+    shard_runner: Any = None
+
     def _shard_runner(self) -> Any:
         if not self.params["coreset_ray_tasks"]:
             return None
-        import ray
-        if not ray.is_initialized():
-            warnings.warn("patchcore: coreset_ray_tasks without a connected Ray; "
+        if self.shard_runner is None:
+            warnings.warn("patchcore: coreset_ray_tasks without a Ray shard runner; "
                           "running the shards in this process", RuntimeWarning, stacklevel=3)
-            return None
-        from ..coreset_tasks import RayShardRunner
-        return RayShardRunner(num_gpus=float(self.params["coreset_task_gpus"]),
-                              use_gpu=self.params["use_gpu"])
+        return self.shard_runner
 
     def index_kind(self, bank_rows: int) -> str:
         """``"flat"`` or ``"ivf"`` for a bank of ``bank_rows`` (``index="auto"`` switches by size)."""

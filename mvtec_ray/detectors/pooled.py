@@ -26,9 +26,15 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
-from . import register
-from .base import Detector, as_float32, iter_chunks, load_arrays, save_arrays
-from .preprocess import PREPROCESS_MODES, Preprocessor
+from mvtec_ray.detectors.base import (
+    Detector,
+    as_float32,
+    iter_chunks,
+    load_arrays,
+    save_arrays,
+)
+from mvtec_ray.detectors.preprocess import PREPROCESS_MODES, Preprocessor
+from mvtec_ray.detectors.registry import register
 
 PREPROCESS_FILE = "preprocess.npz"
 _SCORE_CHUNK = 4096

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import as_float32, load_arrays, save_arrays
+from mvtec_ray.detectors.base import as_float32, load_arrays, save_arrays
 
 PREPROCESS_MODES = ("none", "standard", "pca95", "pca")
 

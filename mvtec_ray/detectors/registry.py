@@ -2,17 +2,50 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base import PARAMS_FILE, Detector
+from mvtec_ray.detectors.base import PARAMS_FILE, Detector
 
 REGISTRY: dict[str, type[Detector]] = {}
-#: the built-in detectors and the feature column kind each reads, known without importing their code
-#: (torch, faiss, scikit-learn): a driver that only plans and schedules fits stays light
-BUILTIN_INPUT_KINDS: dict[str, str] = {
-    "ocsvm": "pooled", "iforest": "pooled", "lof": "pooled", "elliptic": "pooled", "knn": "pooled",
-    "autoencoder": "pooled", "mahalanobis": "pooled", "patchcore": "patches", "padim": "patches"}
+
+
+@dataclass(frozen=True)
+class DetectorInfo:
+    """What the pipeline knows of a built-in detector without importing its code (torch, faiss,
+    scikit-learn): a driver that only plans and schedules fits stays light."""
+
+    name: str
+    input_kind: str  # "pooled" (one vector per image) or "patches" (a feature map per image)
+    fit_cost: float  # relative fit + score time at MVTec size (benchmarks/fit.py); only the order matters
+    module: str  # the module of mvtec_ray.detectors that defines and registers it
+
+
+#: the one table of built-in detectors, in the order of the default run: config defaults, the fit
+#: order (longest first) and the benchmarks read it
+BUILTIN: tuple[DetectorInfo, ...] = (
+    DetectorInfo("ocsvm", "pooled", 1.0, "pooled"),
+    DetectorInfo("iforest", "pooled", 1.5, "pooled"),
+    DetectorInfo("lof", "pooled", 0.5, "pooled"),
+    DetectorInfo("elliptic", "pooled", 1.0, "pooled"),
+    DetectorInfo("knn", "pooled", 0.2, "pooled"),
+    DetectorInfo("autoencoder", "pooled", 20.0, "pooled"),
+    DetectorInfo("mahalanobis", "pooled", 3.0, "pooled"),
+    DetectorInfo("padim", "patches", 100.0, "padim"),
+    DetectorInfo("patchcore", "patches", 200.0, "patch"),
+)
+BUILTIN_INPUT_KINDS: dict[str, str] = {d.name: d.input_kind for d in BUILTIN}
+
+
+def builtin_names(kind: str | None = None) -> list[str]:
+    """The built-in detectors' names (of one input kind if given), in the table's order."""
+    return [d.name for d in BUILTIN if kind is None or d.input_kind == kind]
+
+
+def fit_cost(name: str) -> float:
+    """Relative fit cost of ``name`` (1 for a detector outside the table)."""
+    return next((d.fit_cost for d in BUILTIN if d.name == name), 1.0)
 
 
 def register(cls: type[Detector]) -> type[Detector]:
@@ -53,8 +86,8 @@ def available_detectors() -> list[str]:
 
 def _load_builtin() -> None:
     # Imported lazily so that importing the registry stays cheap (torch, faiss).
-    from . import padim, patch, pooled  # noqa: F401
+    import importlib
+    for module in sorted({d.module for d in BUILTIN}):
+        importlib.import_module(f"mvtec_ray.detectors.{module}")
 
 
-__all__ = ["Detector", "REGISTRY", "BUILTIN_INPUT_KINDS", "register", "detector_class", "input_kind", "build_detector",
-           "load_detector", "available_detectors"]

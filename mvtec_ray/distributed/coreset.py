@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .detectors.coreset import ShardJob, resolve_torch_device, run_shard_job
+from mvtec_ray.detectors.coreset import ShardJob, resolve_torch_device, run_shard_job
 
 
 def _shard_task(zt_shard: np.ndarray, job: ShardJob, use_gpu: Any) -> tuple[np.ndarray, str]:

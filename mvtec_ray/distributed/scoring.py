@@ -17,38 +17,32 @@ never come back to the driver: the writers return per-batch counts only.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import posixpath
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from .catalog import IMAGE_EXTENSIONS
-from .config import ExtractConfig, RunConfig
-from .errors import UserError
-from .extract import WRITER_CPUS, prepare_batch
-from .features import shard_name, tensor_array
-from .model_set import ModelSet, check_models, plan_models  # noqa: F401 - check_models: one import path
-from .model_store import list_models
-from .storage import Storage, join
+from mvtec_ray.config import ExtractConfig, RunConfig
+from mvtec_ray.deploy.listing import iter_listing
+from mvtec_ray.deploy.loaded_models import plan_models
+from mvtec_ray.deploy.model_files import list_models
+from mvtec_ray.deploy.score_index import key_hashes, scored_index
+from mvtec_ray.deploy.scorer import Scorer, prepare_or_reject, write_score_shards
+from mvtec_ray.distributed.cluster import (
+    WRITER_CPUS,
+    cluster_plan,
+    connect,
+    resolved,
+    use_ray_data,
+)
+from mvtec_ray.distributed.stream import Stage, apply_stages, model_stage
+from mvtec_ray.errors import UserError
+from mvtec_ray.storage import Storage
 
 log = logging.getLogger(__name__)
-SCORE_FIELDS = ["input_uri", "input_version", "category", "detector", "score", "threshold", "is_anomaly",
-                "model_version", "backbone", "weights", "scored_at"]
-ERROR_FIELDS = ["input_uri", "input_version", "category", "error", "scored_at"]
-LISTING_COLUMNS = ["uri", "version", "category", "problem"]
 #: listed files per Ray Data input block (a decode task's share)
 BLOCK_ROWS = 64
-#: listed files filtered against the index at a time on the driver
-LISTING_CHUNK = 4096
 
 
 @dataclass
@@ -74,179 +68,17 @@ class ScoringSummary:
                 f"{self.seconds:.1f}s" + (f" [{cats}]" if cats else ""))
 
 
-def input_key(uri: str, version: str) -> str:
-    return f"{uri}@{version}"
-
-
-def key_hashes(uris, versions) -> np.ndarray:
-    """64-bit hashes of (uri, version) keys: 8 bytes per image instead of a Python string.
-
-    A collision (about 3e-6 for 10 million keys) would skip one new image as already scored.
-    """
-    return np.fromiter((int.from_bytes(hashlib.blake2b(input_key(str(u), str(v)).encode(), digest_size=8).digest(),
-                                       "little") for u, v in zip(uris, versions)), dtype=np.uint64)
-
-
 # -- listing (driver, streamed in chunks) --------------------------------------
-def _walk(storage: Storage, images_uri: str) -> Iterator[pafs.FileInfo]:
-    """Files under ``images_uri`` one folder at a time (memory: the largest folder, not the tree)."""
-    storage.check_reachable(images_uri)
-    if not storage.is_dir(images_uri):
-        fs, path = storage.resolve(images_uri)
-        yield fs.get_file_info(path)
-        return
-    stack = [images_uri]
-    while stack:
-        folder = stack.pop()
-        infos = sorted(storage.list(folder), key=lambda i: i.path)
-        subfolders = []
-        for info in infos:
-            if info.type == pafs.FileType.Directory:
-                subfolders.append(storage.uri_of(images_uri, info.path))
-            elif info.type == pafs.FileType.File:
-                yield info
-        stack.extend(reversed(subfolders))
-
-
-def iter_listing(storage: Storage, images_uri: str, categories: list[str], category: str | None,
-                 chunk: int = LISTING_CHUNK) -> Iterator[pd.DataFrame]:
-    """Every file under ``images_uri`` with its version, category and, when it cannot be scored, why.
-
-    The category is ``category`` (``--category``) for every file when given; otherwise the nearest
-    folder in the path that names a model's category; otherwise the first folder under
-    ``images_uri``, reported as a category without a model.
-    """
-    _, root = storage.resolve(images_uri)
-    root = root.replace("\\", "/").rstrip("/")
-    known = set(categories)
-    rows: list[dict] = []
-    for info in _walk(storage, images_uri):
-        path = info.path.replace("\\", "/")
-        parts = path.split("/")
-        name = parts[-1]
-        folders = parts[:-1]
-        relative = path[len(root) + 1:].split("/")[:-1] if path.startswith(root + "/") else []
-        found = category or next((p for p in reversed(folders) if p in known), "")
-        problem = ""
-        if name.startswith("."):
-            problem = "hidden file"
-        elif posixpath.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-            problem = f"not an image file (extension {posixpath.splitext(name)[1] or 'none'})"
-        elif "ground_truth" in (relative or folders[-2:]):
-            problem = "defect mask (ground_truth folder), not an image to score"
-        elif not found and relative:
-            found = relative[0]
-            problem = f"no model for category {found!r} (models exist for {', '.join(categories)})"
-        elif not found:
-            problem = f"no category in the path and no --category (models exist for {', '.join(categories)})"
-        rows.append({"uri": storage.uri_of(images_uri, info.path), "version": f"{info.size}-{info.mtime_ns or 0}",
-                     "category": found, "problem": problem})
-        if len(rows) >= chunk:
-            yield pd.DataFrame(rows, columns=LISTING_COLUMNS)
-            rows = []
-    if rows:
-        yield pd.DataFrame(rows, columns=LISTING_COLUMNS)
-
-
-def list_images(storage: Storage, images_uri: str, categories: list[str], category: str | None) -> pd.DataFrame:
-    """The whole listing at once (small inputs, tests); the job itself streams :func:`iter_listing`."""
-    chunks = list(iter_listing(storage, images_uri, categories, category))
-    return pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=LISTING_COLUMNS)
-
-
-def scored_index(storage: Storage, out_uri: str, threads: int = 8) -> np.ndarray:
-    """Sorted hashes of every (uri, version) in earlier score and error shards.
-
-    Reads only the two key columns of each shard (ranged reads, in parallel threads); keeps 8 bytes
-    per key. Error rows count as done too: a file is tried again when it changes (new version) or
-    with ``rescore``.
-    """
-    uris = []
-    for folder in ("scores", "errors"):
-        base = join(out_uri, folder)
-        if storage.exists(base):
-            uris += [storage.uri_of(out_uri, i.path) for i in storage.iter_files(base)
-                     if i.base_name.endswith(".parquet")]
-
-    def read(uri: str) -> np.ndarray:
-        fs, path = storage.resolve(uri)
-
-        def columns() -> pa.Table:
-            with fs.open_input_file(path) as handle:
-                return pq.ParquetFile(handle).read(columns=["input_uri", "input_version"])
-        table = storage.retry(f"cannot read {uri}", columns)
-        return key_hashes(table.column("input_uri").to_pylist(), table.column("input_version").to_pylist())
-
-    if not uris:
-        return np.zeros(0, np.uint64)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        parts = list(pool.map(read, uris))
-    return np.unique(np.concatenate(parts))
 
 
 # -- the actors ------------------------------------------------------------------
-class Scorer:
-    """Callable class for ``map_batches``: backbone and models loaded once per actor."""
 
-    def __init__(self, models_uri: str, pairs: list[tuple[str, str]], storage: Storage, backbone: str, weights,
-                 patch_dim: int | None, map_size: int, threads: int | None = None, device: str = "cpu",
-                 expect: dict | None = None, versions: dict | None = None, scored_at: float = 0.0,
-                 padim_channels: int | None = None, input_size: int | None = None):
-        import torch
-        if threads:
-            # Ray pins OMP to 1 thread in num_cpus=1 workers; set torch, faiss and BLAS explicitly
-            torch.set_num_threads(threads)
-            try:
-                import faiss
-                faiss.omp_set_num_threads(threads)
-            except ImportError:
-                pass
-            from threadpoolctl import threadpool_limits
-            self._limits = threadpool_limits(limits=threads)
-        if hasattr(weights, "hex") and not isinstance(weights, (str, bytes)):
-            import ray
-            weights = ray.get(weights)
-        self.model_set = ModelSet(models_uri, pairs, storage, backbone, weights, patch_dim, device=device,
-                                  expect=expect, versions=versions, padim_channels=padim_channels,
-                                  input_size=input_size)
-        self.map_size = map_size
-        self.input_size = input_size
-        self.scored_at = scored_at
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = batch.pop("image")
-        ok = np.asarray(batch["status"]) == "ok"
-        categories = np.asarray(batch["category"]).astype(str)
-        scored = self.model_set.score(images[ok], categories[ok], self.map_size) if ok.any() else []
-        position = np.cumsum(ok) - 1
-        out = {k: [] for k in SCORE_FIELDS + ["status", "error", "map", "first"]}
-        for i in range(len(ok)):
-            base = {"input_uri": batch["source_uri"][i], "input_version": batch["source_version"][i],
-                    "category": categories[i]}
-            if not ok[i]:
-                self._append(out, base, status="error", error=batch["error"][i])
-                continue
-            for k, (model, score, anomaly_map) in enumerate(scored[position[i]]):
-                self._append(out, base, detector=model.detector.name, score=score, threshold=model.threshold,
-                             is_anomaly=score >= model.threshold, model_version=model.version,
-                             backbone=model.info["schema"]["backbone"], weights=model.info["weights"],
-                             map=anomaly_map, first=k == 0)
-        result = {k: np.asarray(v, dtype=object) for k, v in out.items() if k != "map"}
-        for name, dtype in (("score", np.float64), ("threshold", np.float64), ("scored_at", np.float64),
-                            ("is_anomaly", bool), ("first", bool)):
-            result[name] = np.asarray(out[name], dtype=dtype)
-        result["has_map"] = np.asarray([m is not None for m in out["map"]], dtype=bool)
-        blank = np.zeros((self.map_size, self.map_size), np.float16)
-        result["map"] = np.stack([m if m is not None else blank for m in out["map"]]) if out["map"] else \
-            np.zeros((0, self.map_size, self.map_size), np.float16)
-        return result
+class ScoringActor(Scorer):
+    """:class:`Scorer` in a Ray actor: the weights arrive as an object reference."""
 
-    def _append(self, out: dict, base: dict, **values) -> None:
-        defaults = {"detector": "", "score": np.nan, "threshold": np.nan, "is_anomaly": False, "model_version": "",
-                    "backbone": "", "weights": "", "status": "ok", "error": "", "map": None, "first": False,
-                    "scored_at": self.scored_at}
-        for key, value in {**defaults, **base, **values}.items():
-            out[key].append(value)
+    def __init__(self, weights, **kwargs):
+        super().__init__(weights=resolved(weights), **kwargs)
 
 
 class ScoringWorker:
@@ -254,40 +86,11 @@ class ScoringWorker:
 
     def __init__(self, config: ExtractConfig, storage: Storage, out_uri: str, **scorer_kwargs):
         self.config, self.storage, self.out_uri = config, storage, out_uri
-        self.scorer = Scorer(storage=storage, **scorer_kwargs)
+        self.scorer = ScoringActor(storage=storage, **scorer_kwargs)
 
     def __call__(self, listing: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prepared = _prepare_or_reject(listing, self.config, self.storage)
+        prepared = prepare_or_reject(listing, self.config, self.storage)
         return write_score_shards(self.scorer(prepared), self.out_uri, self.storage)
-
-
-def write_score_shards(batch: dict[str, np.ndarray], out_uri: str, storage: Storage) -> dict[str, np.ndarray]:
-    """Write the batch's shards; return only counts per category (nothing per image reaches the driver)."""
-    status = np.asarray(batch["status"])
-    ok, bad = status == "ok", status != "ok"
-    keys = [input_key(u, v) for u, v in zip(batch["input_uri"], batch["input_version"])]
-    name = shard_name([f"{k}|{d}" for k, d in zip(keys, batch["detector"])])
-    if ok.any():
-        columns = {f: pa.array(list(np.asarray(batch[f])[ok])) for f in SCORE_FIELDS}
-        columns["anomaly_map"] = tensor_array(np.asarray(batch["map"])[ok], np.asarray(batch["has_map"])[ok])
-        _write_table(storage, join(out_uri, "scores", name), pa.table(columns))
-    if bad.any():
-        columns = {f: pa.array([str(x) for x in np.asarray(batch[f])[bad]]) for f in ERROR_FIELDS if f != "scored_at"}
-        columns["scored_at"] = pa.array(np.asarray(batch["scored_at"], dtype=np.float64)[bad])
-        _write_table(storage, join(out_uri, "errors", name), pa.table(columns))
-    categories = np.asarray(batch["category"]).astype(str)
-    first = np.asarray(batch["first"], dtype=bool)
-    names = np.unique(categories)
-    return {"category": names.astype(object),
-            "images": np.asarray([int((ok & first & (categories == c)).sum()) for c in names], np.int64),
-            "rows": np.asarray([int((ok & (categories == c)).sum()) for c in names], np.int64),
-            "errors": np.asarray([int((bad & (categories == c)).sum()) for c in names], np.int64)}
-
-
-def _write_table(storage: Storage, uri: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 # -- the job -------------------------------------------------------------------------
@@ -300,13 +103,11 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     files of other model categories out of the job (counted in the summary, not recorded as errors,
     so a later job for those categories still scores them). ``rescore``
     scores everything again; an image then has rows from several runs: the latest ``scored_at`` wins.
-    Models are checked before any work (:func:`~mvtec_ray.model_set.plan_models`) and refused with
+    Models are checked before any work (:func:`~mvtec_ray.deploy.loaded_models.plan_models`) and refused with
     :class:`ModelMismatch`.
     """
     import ray
 
-    from .extract import cluster_plan
-    from .pipeline import connect
     started = time.perf_counter()
     scored_at = time.time()
     storage = Storage(config.s3)
@@ -351,25 +152,16 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
                      "padim_channels": extract_cfg.padim_channels, "input_size": extract_cfg.image_size,
                      "map_size": config.evaluation.pixel_eval_size, "threads": resources["threads"],
                      "device": resources["device"], "expect": expect, "versions": versions, "scored_at": scored_at}
-    from .pipeline import use_ray_data
     use_ray_data()
-    ds = ray.data.from_pandas_refs(blocks)
     if resources["fused"]:
-        ds = ds.map_batches(ScoringWorker, batch_size=extract_cfg.batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={"config": extract_cfg, "storage": storage, "out_uri": out_uri,
-                                                   **scorer_kwargs},
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_cpus=resources["num_cpus"], resources=resources.get("resources") or None)
+        worker = {"config": extract_cfg, "storage": storage, "out_uri": out_uri, **scorer_kwargs}
+        stages = [model_stage(ScoringWorker, extract_cfg.batch_size, worker, resources, actors)]
     else:
-        ds = ds.map_batches(_prepare_or_reject, fn_kwargs={"config": extract_cfg, "storage": storage},
-                            batch_size=8, batch_format="numpy", num_cpus=extract_cfg.cpus_per_reader)
-        ds = ds.map_batches(Scorer, batch_size=extract_cfg.batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={"storage": storage, **scorer_kwargs},
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
-                            resources=resources.get("resources") or None)
-        ds = ds.map_batches(write_score_shards, fn_kwargs={"out_uri": out_uri, "storage": storage},
-                            batch_size=None, batch_format="numpy", num_cpus=WRITER_CPUS)
+        stages = [Stage(prepare_or_reject, 8, extract_cfg.cpus_per_reader, {"config": extract_cfg, "storage": storage}),
+                  model_stage(ScoringActor, extract_cfg.batch_size, {"storage": storage, **scorer_kwargs},
+                              resources, actors),
+                  Stage(write_score_shards, None, WRITER_CPUS, {"out_uri": out_uri, "storage": storage})]
+    ds = apply_stages(ray.data.from_pandas_refs(blocks), stages)
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c, images, rows, errors in zip(part["category"], part["images"], part["rows"], part["errors"]):
             summary.scored_images += int(images)
@@ -381,31 +173,3 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     return summary
 
 
-def _prepare_or_reject(batch: dict[str, np.ndarray], config: ExtractConfig, storage: Storage) -> dict[str, np.ndarray]:
-    """Decode like extraction does (same pixels, same features); listing problems become error rows.
-
-    Only the columns the scorer reads go on, so every block has the same schema whatever
-    :func:`prepare_batch` adds.
-    """
-    n = len(batch["uri"])
-    batch = {**batch, "image_id": batch["uri"], "split": np.full(n, "score", dtype=object),
-             "label": np.zeros(n, np.int8), "defect_type": np.full(n, "", dtype=object),
-             "mask_uri": np.full(n, "", dtype=object), "variants": np.full(n, "orig", dtype=object)}
-    rejected = np.asarray([bool(p) for p in batch["problem"]], dtype=bool)
-    parts = []
-    if (~rejected).any():
-        good = prepare_batch({k: np.asarray(v)[~rejected] for k, v in batch.items()}, config, storage)
-        parts.append({k: good[k] for k in _SCORER_INPUT})
-    if rejected.any():
-        bad = np.flatnonzero(rejected)
-        size = config.image_size
-        parts.append({"source_uri": batch["uri"][bad], "source_version": batch["version"][bad],
-                      "category": batch["category"][bad], "status": np.full(len(bad), "error", dtype=object),
-                      "error": np.asarray(batch["problem"][bad], dtype=object),
-                      "image": np.zeros((len(bad), size, size, 3), np.uint8)})
-    if len(parts) == 1:
-        return parts[0]
-    return {k: np.concatenate([parts[0][k], parts[1][k]]) for k in _SCORER_INPUT}
-
-
-_SCORER_INPUT = ("source_uri", "source_version", "category", "status", "error", "image")

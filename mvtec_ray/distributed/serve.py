@@ -1,6 +1,6 @@
 """Ray Serve glue of the online service: one deployment, dynamic batching, autoscaling, the web page.
 
-One replica holds the backbone and every model of its categories (:class:`~mvtec_ray.service.ScoringService`);
+One replica holds the backbone and every model of its categories (:class:`~mvtec_ray.deploy.api.ScoringService`);
 concurrent requests are batched (``@serve.batch``) into one backbone pass. ``serve deploy
 cluster/serve.yaml`` and KubeRay's RayService use :func:`app_builder`; ``mvtec-ray serve`` uses
 :func:`run_service`.
@@ -19,9 +19,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from .config import RunConfig, load_config
-from .errors import UserError
-from .service import MAX_BODY_BYTES, TOKEN_ENV, ApiError, ScoringService, check_token, token_digest
+from mvtec_ray.config import RunConfig, load_config
+from mvtec_ray.deploy.api import (
+    MAX_BODY_BYTES,
+    TOKEN_ENV,
+    ApiError,
+    ScoringService,
+    check_token,
+    token_digest,
+)
+from mvtec_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 APP_NAME = "mvtec-ray"
@@ -128,7 +135,7 @@ def build_app(args: ServeArgs, config: RunConfig | None = None):
 
 
 def app_builder(args: dict[str, Any]):
-    """Entry for ``serve deploy`` / ``serve run`` (import path ``mvtec_ray.serving:app_builder``)."""
+    """Entry for ``serve deploy`` / ``serve run`` (import path ``mvtec_ray.distributed.serve:app_builder``)."""
     return build_app(ServeArgs(**args))
 
 
@@ -144,9 +151,9 @@ def run_service(args: ServeArgs, config: RunConfig, host: str, port: int) -> int
     """``mvtec-ray serve``: start, print the URL, serve until Ctrl-C or SIGTERM, then stop cleanly."""
     import ray
 
-    from .pipeline import connect
-    from .model_set import plan_models
-    from .storage import Storage
+    from mvtec_ray.deploy.loaded_models import plan_models
+    from mvtec_ray.distributed.cluster import connect
+    from mvtec_ray.storage import Storage
     # every model checked here first: a bad folder is one line, not a replica crash loop
     plan_models(config, Storage(config.s3), args.models, args.detectors, args.categories)
     connect(config.ray)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .images import content_box, crop_box, decode_mask, decode_mask_png
-from .storage import Storage
+from mvtec_ray.data.images import content_box, crop_box, decode_mask, decode_mask_png
+from mvtec_ray.storage import Storage
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone_specs import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, OFFLINE_BACKBONES,  # noqa: F401
-                             BackboneSpec)
-from .errors import WeightsUnavailable
+from mvtec_ray.config import ExtractConfig
+from mvtec_ray.errors import WeightsUnavailable
+from mvtec_ray.features.backbone_specs import BACKBONES, OFFLINE_BACKBONES, BackboneSpec
 
 RANDOM_WEIGHTS_ID = "RANDOM (not pretrained)"
 
@@ -71,7 +71,7 @@ def resolve_weights(backbone: str, weights: str = "imagenet", storage=None) -> R
         return _torchvision_imagenet(spec)
     # a local file or an s3:// URI
     if weights.startswith("s3://"):
-        from .storage import Storage
+        from mvtec_ray.storage import Storage
         storage = storage or Storage()
         try:
             data = storage.read_bytes(weights)
@@ -281,3 +281,13 @@ def prepare_for_device(model: FeatureExtractor, device: str) -> FeatureExtractor
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # one input size all run long: tune kernels once
     return model
+
+
+def probe_feature_shapes(config: ExtractConfig, weights: ResolvedWeights) -> dict:
+    """Shapes of the feature columns, from one blank image (cheap; also validates the weights)."""
+    import torch
+    model = FeatureExtractor(BACKBONES[config.backbone], weights.state_dict, config.patch_dim, config.padim_channels)
+    pooled, patches, padim = model(torch.zeros((1, config.image_size, config.image_size, 3), dtype=torch.uint8),
+                                   with_padim=True)
+    return {"pooled_dim": int(pooled.shape[1]), "patch_shape": list(patches.shape[1:]),
+            "padim_shape": list(padim.shape[1:]) if padim is not None else None}

@@ -46,14 +46,20 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
-from .storage import Storage, join
+from mvtec_ray.config import ExtractConfig
+from mvtec_ray.errors import UserError
+from mvtec_ray.features.backbone_specs import BACKBONES
+from mvtec_ray.storage import Storage, join
+from mvtec_ray.versions import FEATURE_PACKAGES, package_versions
+
+if TYPE_CHECKING:  # torch: only an extracting process imports it
+    from mvtec_ray.features.backbones import ResolvedWeights
 
 EXTRACT_META = "_extract.json"
 SUCCESS = "_SUCCESS.json"
@@ -67,7 +73,7 @@ META_COLUMNS = ["row_id", "image_id", "source_uri", "source_version", "category"
 def tensor_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
     """An Arrow fixed-shape tensor column (canonical extension type) with optional nulls."""
     values = np.ascontiguousarray(values)
-    n, shape = values.shape[0], values.shape[1:]
+    shape = values.shape[1:]
     flat = pa.array(values.reshape(-1))
     size = int(np.prod(shape)) if shape else 1
     mask = None if valid is None else pa.array(~np.asarray(valid, bool))
@@ -312,3 +318,16 @@ def _by_split(table: pa.Table, column: str, dtype) -> dict[str, dict[str, np.nda
                       **{key: np.asarray(table.column(key).to_pylist(), dtype=object)[index]
                          for key in ("row_id", "image_id", "defect_type", "source_uri", "mask_uri")}}
     return out
+
+
+def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_shapes: dict) -> dict:
+    """What ``_extract.json`` records of an extraction: weights, preprocessing, shapes, config, versions."""
+    spec = BACKBONES[config.backbone]
+    return {
+        **weights.identity(), "pretrained": weights.pretrained, "fingerprint": config.fingerprint(),
+        "image_size": config.image_size, "resize_to": config.resize_to, "resize": config.resize,
+        "normalisation": {"mean": spec.mean, "std": spec.std}, "patch_layers": list(spec.patch_layers),
+        "padim_layers": list(spec.padim_layers), "patch_dim": config.patch_dim, **probe_shapes,
+        "config": config.model_dump(mode="json"),
+        "versions": package_versions(FEATURE_PACKAGES, with_python=True),
+    }

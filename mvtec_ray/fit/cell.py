@@ -7,23 +7,30 @@ train split alone: the validation images the threshold is chosen on are never se
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from .config import EvaluationConfig
-from .detectors import build_detector, input_kind
-from .evaluation import (choose_pixel_threshold, image_metrics, pixel_auroc, pixel_f1,
-                         pixel_f1_max, pro_score, threshold_for_rule)
-from .features import FeatureSet, PatchChunks
-from .model_store import save_model
-from .storage import Storage, join
+from mvtec_ray.config import EvaluationConfig, params_json
+from mvtec_ray.deploy.model_files import save_model
+from mvtec_ray.detectors.base import Detector
+from mvtec_ray.detectors.registry import build_detector, input_kind
+from mvtec_ray.evaluation.metrics import image_metrics
+from mvtec_ray.evaluation.pixel_metrics import (
+    pixel_auroc,
+    pixel_f1,
+    pixel_f1_max,
+    pro_score,
+)
+from mvtec_ray.evaluation.thresholds import choose_pixel_threshold, threshold_for_rule
+from mvtec_ray.features.store import FeatureSet, PatchChunks
+from mvtec_ray.storage import Storage, join
+from mvtec_ray.threads import limited_threads
 
 log = logging.getLogger(__name__)
 SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "input_uri", "label", "defect_type",
@@ -36,36 +43,19 @@ class FitOutcome:
     scores: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SCORE_COLUMNS))
 
 
-@contextmanager
-def limited_threads(n: int):
-    """Pin torch, BLAS/OpenMP and faiss to ``n`` threads (Ray workers keep their first setting)."""
-    import torch
-    from threadpoolctl import threadpool_limits
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        import faiss
-        previous_faiss = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(n)
-    except ImportError:
-        faiss = None
-    with threadpool_limits(limits=n):
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
-            if faiss is not None:
-                faiss.omp_set_num_threads(previous_faiss)
-
-
 def fit_category_detector(features: FeatureSet, category: str, detector_name: str, params: dict,
                           evaluation: EvaluationConfig, out_uri: str | None, storage: Storage,
-                          threads: int = 1, pooled: dict | None = None, metadata: dict | None = None) -> FitOutcome:
-    """Never raises for a failing fit: the outcome row then carries status "error"."""
+                          threads: int = 1, pooled: dict | None = None, metadata: dict | None = None,
+                          configure: Callable[[Detector], None] | None = None) -> FitOutcome:
+    """Never raises for a failing fit: the outcome row then carries status "error".
+
+    ``configure`` is called on the new detector before its fit: the Ray layer injects what runs
+    where (e.g. PatchCore's coreset shards as Ray tasks) without the core knowing of Ray.
+    """
     metadata = metadata or features.metadata()
     row = {"category": category, "detector": detector_name, "backbone": metadata["backbone"],
            "weights": metadata["weights"], "status": "ok", "error": "",
-           "params": json.dumps(params, sort_keys=True, default=str)}
+           "params": params_json(params)}
     cpu_started = time.process_time()
     try:
         with limited_threads(max(1, int(threads))):
@@ -73,9 +63,10 @@ def fit_category_detector(features: FeatureSet, category: str, detector_name: st
             row["threads"] = torch.get_num_threads()  # what the fit really ran with (observable in tests)
             if input_kind(detector_name) == "patches":
                 return _fit_patches(features, category, detector_name, params, evaluation, out_uri, storage,
-                                    row, metadata)
+                                    row, metadata, configure)
             pooled = pooled if pooled is not None else features.load_pooled(category)
-            return _fit_pooled(pooled, category, detector_name, params, evaluation, out_uri, storage, row, metadata)
+            return _fit_pooled(pooled, category, detector_name, params, evaluation, out_uri, storage, row, metadata,
+                               configure)
     except Exception as exc:  # noqa: BLE001 - a failing fit is a cell in the table, not a crash
         log.warning("fit %s/%s failed: %s", category, detector_name, traceback.format_exc())
         row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
@@ -83,18 +74,6 @@ def fit_category_detector(features: FeatureSet, category: str, detector_name: st
     finally:
         # CPU time of the whole process: with 1 thread, above fit+score seconds means overhead
         row["cpu_seconds"] = time.process_time() - cpu_started
-
-
-def fit_task(*args, **kwargs) -> FitOutcome:
-    """:func:`fit_category_detector` as a Ray task; the row records the node it ran on.
-
-    Defined here, not in :mod:`pipeline`: a Ray worker imports the task's module, and that one
-    pulls in extraction (torchvision, Ray Data), about 2 CPU-seconds more per worker.
-    """
-    import ray
-    outcome = fit_category_detector(*args, **kwargs)
-    outcome.row["node"] = ray.get_runtime_context().get_node_id()
-    return outcome
 
 
 def return_freed_memory() -> None:
@@ -137,10 +116,13 @@ def _score_rows(category, detector_name, split, part: dict, scores, files: dict 
             for i in range(len(scores))]
 
 
-def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri, storage, row, metadata) -> FitOutcome:
+def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri, storage, row, metadata,
+                configure=None) -> FitOutcome:
     if "train" not in data or "test" not in data:
         raise ValueError(f"category {category} has no usable train or test features")
     detector = build_detector(detector_name, **params)
+    if configure is not None:
+        configure(detector)
     started = time.perf_counter()
     detector.fit(data["train"]["X"])
     row["fit_seconds"] = time.perf_counter() - started
@@ -164,10 +146,14 @@ def _fit_pooled(data: dict, category, detector_name, params, evaluation, out_uri
 
 
 def _fit_patches(features: FeatureSet, category, detector_name, params, evaluation, out_uri, storage, row,
-                 metadata) -> FitOutcome:
-    from .images import decode_mask_png  # here, not at the top: it imports torchvision (~1 s per Ray worker)
-    from .pixel_eval import PixelProtocol
+                 metadata, configure=None) -> FitOutcome:
+    from mvtec_ray.data.images import (
+        decode_mask_png,  # here, not at the top: it imports torchvision (~1 s per Ray worker)
+    )
+    from mvtec_ray.evaluation.pixel_protocol import PixelProtocol
     detector = build_detector(detector_name, **params)
+    if configure is not None:
+        configure(detector)
     column = detector.feature_column
     train = PatchChunks(features, category, "train", column)
     val_good_parts = list(features.iter_patches(category, "val_good", with_masks=True, column=column))
@@ -217,7 +203,7 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
                     files["pred_mask_file"][i] = _save_predicted_mask(storage, out_uri, detector_name, image_id,
                                                                       part_maps[i] >= pixel_threshold.value)
         if out_uri and evaluation.overlays and pixel_threshold is not None:
-            from .overlays import overlay_name
+            from mvtec_ray.report.overlays import overlay_name
             for i, image_id in enumerate(part["image_id"]):
                 files["overlay_file"][i] = overlay_name(detector_name, image_id)
                 overlay_jobs.append((len(maps) + i, part["source_uri"][i], files["overlay_file"][i],
@@ -266,8 +252,8 @@ def _normal_range(val_maps: list[np.ndarray], val_masks: list[np.ndarray]) -> tu
 
 def _write_overlays(storage: Storage, out_uri: str, jobs: list, maps: list, truths: list, threshold: float,
                     colour_range: tuple[float, float], input_size: int, resize_to: int | None) -> None:
-    from .images import DecodeError, decode_image
-    from .overlays import render_overlay
+    from mvtec_ray.data.images import DecodeError, decode_image
+    from mvtec_ray.report.overlays import render_overlay
     low = colour_range[0]
     high = max(colour_range[1], max(float(maps[index].max()) for index, *_ in jobs))
     for index, source_uri, relative, caption in jobs:
@@ -281,8 +267,8 @@ def _write_overlays(storage: Storage, out_uri: str, jobs: list, maps: list, trut
 
 
 def _save_predicted_mask(storage: Storage, out_uri: str, detector_name: str, image_id: str, mask: np.ndarray) -> str:
-    from .images import encode_mask_png
-    from .overlays import overlay_name
+    from mvtec_ray.data.images import encode_mask_png
+    from mvtec_ray.report.overlays import overlay_name
     relative = overlay_name(detector_name, image_id).replace("overlays/", "pred_masks/", 1)
     storage.write_bytes(join(out_uri, relative), encode_mask_png(mask))
     return relative

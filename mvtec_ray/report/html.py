@@ -22,14 +22,15 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+
 # Figure + the Agg canvas directly, never pyplot: no global figure registry
 # (nothing to leak or close), no interactive backend, safe inside Ray workers.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .errors import StorageError, StorageUnavailable
-from .storage import Storage, is_s3, join, safe_join
+from mvtec_ray.errors import StorageError, StorageUnavailable
+from mvtec_ray.storage import Storage, is_s3, join, safe_join
 
 __all__ = ["write_report", "format_results_table", "results_markdown", "format_tuning_table"]
 

@@ -1,0 +1,1 @@
+"""The Ray layer: every `import ray` of the package lives here (cluster connection and planning, the Ray Data streams of extraction and scoring, fit and search tasks, the coreset's shard tasks, Ray Serve glue, the driver's progress line)."""

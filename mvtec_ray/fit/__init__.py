@@ -1,0 +1,1 @@
+"""Stage 4, fitting: fit and evaluate one (category, detector) cell, and the hyper-parameter search on validation (pure; no Ray)."""

@@ -1,0 +1,1 @@
+"""Helpers shared by tests: data builders, fakes, multi-node scenario scripts. No tests here."""

@@ -1,0 +1,1 @@
+"""Top-level modules: config, cli, storage, errors."""
