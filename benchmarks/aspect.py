@@ -9,21 +9,16 @@ metrics of both are computed in the source's own aspect (maps projected back ont
 """
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
 import pandas as pd
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--out", default="runs/aspect")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--n-train", type=int, default=40)
@@ -35,22 +30,21 @@ def main() -> int:
     data = out / "data"
     generate_sample_dataset(data, categories=["rod_long"], seed=0, overwrite=True,
                             spec=SampleSpec(n_train=args.n_train, n_test_good=10, n_test_defect_per_type=6))
-    print(f"load_average={os.getloadavg()[0]:.1f}", flush=True)
+    common.print_load()
     for resize in args.resizes.split(","):
         run = out / f"{resize}-{args.image_size}"
         config = out / f"{resize}-{args.image_size}.yaml"
         config.write_text(f"extract:\n  backbone: efficientnet_lite0\n  image_size: {args.image_size}\n"
                           f"  resize: {resize}\n")
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mvtec_ray", "run", "--data", str(data), "--out", str(run),
-                        "--config", str(config), "--detectors", args.detectors, "--num-cpus", "2"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        common.mvtec_ray_cli("run", "--data", str(data), "--out", str(run), "--config", str(config),
+                             "--detectors", args.detectors, "--num-cpus", "2", cwd=common.ROOT)
         results = pd.read_csv(run / "results.csv")
         for _, row in results[results["category"] == "rod_long"].iterrows():
             print(f"resize={resize} image_size={args.image_size} detector={row['detector']} image_auroc={row['image_auroc']:.3f} "
                   f"pixel_auroc={row['pixel_auroc']:.3f} pro={row['pixel_pro']:.3f}", flush=True)
         print(f"resize={resize} seconds={time.perf_counter() - started:.0f}", flush=True)
-    print(f"load_average_end={os.getloadavg()[0]:.1f}")
+    common.print_load("load_average_end")
     return 0
 
 

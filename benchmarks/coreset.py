@@ -21,18 +21,16 @@ Prints ``name=value`` lines.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing as mp
 import os
 import resource
 import sys
 import time
-from pathlib import Path
 
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from measure import proc_status_kib
 
 MiB = 2**20
 JITTER = 0.1  # jitter std as a fraction of the features' overall std
@@ -75,11 +73,8 @@ def real_like(base: np.ndarray, n_patches: int, seed: int = 0) -> np.ndarray:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = proc_status_kib(os.getpid(), "VmRSS")
+    return rss[0] / 1024 if rss else float("nan")
 
 
 def _measure(args) -> dict:
@@ -131,7 +126,7 @@ def fit_eval(params: dict, train, val, test, masks=None) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--features", required=True)
     parser.add_argument("--sizes", default="250000,500000,1000000")
     parser.add_argument("--shards", default="32768,16384,8192,4096,2048", help="shard sizes to choose from")
@@ -147,7 +142,7 @@ def main() -> int:
     from mvtec_ray.features.store import FeatureSet
     features = FeatureSet.open(args.features)
     cats = features.categories()
-    print(f"load_average={os.getloadavg()[0]:.1f}", flush=True)
+    common.print_load()
     data, masks = {}, {}
     for c in cats:
         train, _ = load_split(features, c, "train")
@@ -246,7 +241,7 @@ def main() -> int:
         det = PatchCore(coreset_shard_patches=shard or PatchCore.default_params()["coreset_shard_patches"]).fit(X)
         print(f"patchcore_fit_600_images_seconds={time.perf_counter() - t0:.1f} patches={det.fit_stats_['n_patches']} "
               f"bank={det.bank_size} index={det.fit_stats_['index']} shards={det.fit_stats_['n_shards']}")
-    print(f"load_average_end={os.getloadavg()[0]:.1f}")
+    common.print_load("load_average_end")
     return 0
 
 

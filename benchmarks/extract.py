@@ -11,36 +11,26 @@ process, start-up included, Ray's against the bare loop's) and ``steady_ray/bare
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import bare_extract, steady_rate  # noqa: E402
-from measure import TIMING_PSS_EVERY_S, emit, load_average, python, require_ok, run_cold  # noqa: E402
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
+from baselines import bare_extract, steady_rate
+from measure import TIMING_PSS_EVERY_S, emit, load_average, python, require_ok, run_cold
 
 
 def make_images(root: Path, n: int, size: int) -> None:
     """``n`` distinct PNGs of ``size`` px under ``root/bench/train/good`` (and one test image)."""
-    import numpy as np
-    from PIL import Image
-
     from mvtec_ray.data.sample_data import SampleSpec, generate_sample_dataset
     base = root.parent / "_base"  # the generator's own output stays outside the catalogued root
     generate_sample_dataset(base, categories=["carpet_like"], spec=SampleSpec(
         n_train=8, n_test_good=1, n_test_defect_per_type=1, size=size))
     sources = sorted((base / "carpet_like" / "train" / "good").glob("*.png"))
     train = root / "bench" / "train" / "good"
-    train.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        pixels = np.asarray(Image.open(sources[i % len(sources)]).convert("RGB")).astype(np.int16)
-        pixels = np.clip(pixels + rng.integers(-3, 4, size=(1, 1, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(train / f"{i:04d}.png", compress_level=1)
+    common.noisy_copies(sources, train, n, amplitude=3, per_pixel=False)
     test = root / "bench" / "test" / "good"
     test.mkdir(parents=True)
     shutil.copy(train / "0000.png", test / "0000.png")
@@ -64,9 +54,9 @@ def side(which: str, data: str, out: str, args) -> None:
     catalog = build_catalog(data, storage)
     timeline: list[tuple[float, int]] = []
     if which == "bare":
+        from mvtec_ray.threads import pin_threads
         threads = os.cpu_count() or 1
-        import torch
-        torch.set_num_threads(threads)
+        _blas_limit = pin_threads(threads)  # the BLAS limit holds while it lives
         rows = bare_extract(catalog, config, weights, join(out, config.fingerprint()), storage, threads,
                             on_batch=lambda t, n: timeline.append((t, n)))
     else:
@@ -85,10 +75,9 @@ def side(which: str, data: str, out: str, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=["bare", "ray"], help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser = common.parser(__doc__)
+    common.hidden(parser, "--side", choices=["bare", "ray"])
+    common.hidden(parser, "--data", "--out")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--size", type=int, default=900)
     parser.add_argument("--backbone", default="resnet50")
@@ -98,7 +87,6 @@ def main() -> None:
     if args.side:
         side(args.side, args.data, args.out, args)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     scratch = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         started = time.perf_counter()

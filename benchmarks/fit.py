@@ -7,9 +7,9 @@ Generates MVTec-size pooled features (2048-d like ResNet50's: non-negative, low-
 anomalies shifted along low-variance directions) and writes them as a real feature store
 (``write_shards`` + ``_extract.json`` + ``_SUCCESS.json``). Then, on the same store:
 
-* sequential: ``fitting.fit_category_detector`` in a loop in a cold process, 1 thread, features
+* sequential: ``fit.cell.fit_category_detector`` in a loop in a cold process, 1 thread, features
   loaded once per category (what one Ray task does, minus Ray);
-* Ray: ``pipeline.run_fit`` on a fresh embedded Ray with ``--cpus`` CPUs, 1 CPU per task, in a
+* Ray: ``distributed.pipeline.run_fit`` on a fresh embedded Ray with ``--cpus`` CPUs, 1 CPU per task, in a
   cold process (Ray start and worker start-up inside, as users pay them).
 
 Also times faiss vs scikit-learn brute-force kNN scoring on a large bank (``--knn-bank 0`` skips).
@@ -22,7 +22,6 @@ on the machine lowers the wall-clock ratio a lot (a 2-process job loses more to 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,15 +29,21 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
+import numpy as np
+from measure import (
+    TIMING_PSS_EVERY_S,
+    TreeMonitor,
+    emit,
+    load_average,
+    python,
+    require_ok,
+    run_cold,
+)
 
-import numpy as np  # noqa: E402
-from measure import TIMING_PSS_EVERY_S, emit, load_average, python, require_ok, run_cold  # noqa: E402
+from mvtec_ray.detectors.registry import builtin_names
 
-POOLED = ["ocsvm", "iforest", "lof", "elliptic", "knn", "autoencoder", "mahalanobis"]
+POOLED = builtin_names("pooled")
 
 
 # -- synthetic features ----------------------------------------------------------
@@ -168,11 +173,14 @@ def run_ray(features_dir: str, out_uri: str, detectors: list[str], cpus: int):
     started = time.perf_counter()
     connect(config.ray)
     init_s = time.perf_counter() - started
-    worker_cpu_before = _worker_cpu_seconds()  # the prestarted idle workers
+    workers = TreeMonitor(include_root=False, pss_every_s=None)  # this driver's Ray processes
+    workers.sample()
+    worker_cpu_before = workers.worker_cpu()  # the prestarted idle workers
     started, started_at = time.perf_counter(), time.time()
     results, _ = run_fit(FeatureSet.open(features_dir, storage), out_uri, config, storage)
     ray_s = time.perf_counter() - started
-    worker_cpu_after = _worker_cpu_seconds()
+    workers.sample()
+    worker_cpu_after = workers.worker_cpu()
     timeline_started = time.perf_counter()
     parts = timeline_breakdown(_quiet(ray.timeline), started_at, ray_s, cpus)
     parts["instrumentation_s"] = time.perf_counter() - timeline_started  # this benchmark's own, not the run's
@@ -182,20 +190,6 @@ def run_ray(features_dir: str, out_uri: str, detectors: list[str], cpus: int):
     parts["worker_processes_started"] = len(set(worker_cpu_after) - set(worker_cpu_before))
     ray.shutdown()
     return results, init_s, ray_s, parts
-
-
-def _worker_cpu_seconds() -> dict[int, float]:
-    """CPU seconds so far of every Ray worker process this driver's local Ray started."""
-    import psutil
-    out = {}
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.name().startswith("ray::") or "default_worker.py" in " ".join(proc.cmdline()):
-                times = proc.cpu_times()
-                out[proc.pid] = times.user + times.system
-        except psutil.Error:
-            pass
-    return out
 
 
 def _quiet(fn):
@@ -233,13 +227,13 @@ def timeline_breakdown(events: list[dict], started_at: float, wall_s: float, cpu
 def knn_benchmark(n_bank: int, n_queries: int, dim: int, threads: int, repeats: int = 2) -> tuple[float, float, bool]:
     import faiss
     from sklearn.neighbors import NearestNeighbors
-    from threadpoolctl import threadpool_limits
+
+    from mvtec_ray.threads import limited_threads
     rng = np.random.default_rng(0)
     bank = rng.random((n_bank, dim), dtype=np.float32)
     queries = rng.random((n_queries, dim), dtype=np.float32)
-    faiss.omp_set_num_threads(threads)
     faiss_s = sklearn_s = float("inf")
-    with threadpool_limits(limits=threads):
+    with limited_threads(threads):
         for _ in range(repeats):  # best of: other load on the machine only ever adds time
             started = time.perf_counter()
             index = faiss.IndexFlatL2(dim)
@@ -270,7 +264,7 @@ def run_side(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--categories", type=int, default=15)
     parser.add_argument("--train", type=int, default=250, help="train vectors per category")
     parser.add_argument("--test", type=int, default=110, help="test vectors per category (30 %% good)")
@@ -281,9 +275,8 @@ def main(argv=None) -> int:
     parser.add_argument("--knn-queries", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
-    parser.add_argument("--side", choices=["seq", "ray"], help=argparse.SUPPRESS)
-    parser.add_argument("--features", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    common.hidden(parser, "--side", choices=["seq", "ray"])
+    common.hidden(parser, "--features", "--out")
     args = parser.parse_args(argv)
     if args.side:
         return run_side(args)
@@ -307,11 +300,11 @@ def main(argv=None) -> int:
                   f"faiss {faiss_s:.2f} s, sklearn brute {sklearn_s:.2f} s (best of 2), "
                   f"sklearn/faiss={sklearn_s / faiss_s:.2f} (same distances: {same})")
 
-        common = ["--features", features_dir, "--detectors", args.detectors, "--cpus", str(args.cpus)]
+        side_args = ["--features", features_dir, "--detectors", args.detectors, "--cpus", str(args.cpus)]
         seq = require_ok(run_cold(python("benchmarks/fit.py", "--side", "seq", "--out", str(work / "out-seq"),
-                                         *common), echo=False, pss_every_s=TIMING_PSS_EVERY_S), "sequential side")
+                                         *side_args), echo=False, pss_every_s=TIMING_PSS_EVERY_S), "sequential side")
         ray_run = require_ok(run_cold(python("benchmarks/fit.py", "--side", "ray", "--out", str(work / "out-ray"),
-                                             *common), echo=False, pss_every_s=TIMING_PSS_EVERY_S), "ray side")
+                                             *side_args), echo=False, pss_every_s=TIMING_PSS_EVERY_S), "ray side")
         seq_s, seq_cpu = seq.figures["fit_s"], seq.figures["fit_cpu_s"]
         init_s, ray_s = ray_run.figures["init_s"], ray_run.figures["fit_s"]
         parts = {k[5:]: v for k, v in ray_run.figures.items() if k.startswith("part_")}

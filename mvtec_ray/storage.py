@@ -11,9 +11,10 @@ import posixpath
 import re
 import stat
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 

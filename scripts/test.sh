@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install (project, test extras, and Debian's chromium for the report test) and run the test suite.
+# Install (project, test extras, and Debian's chromium for the report test), lint, and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +9,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "chromium could not be installed" >&2
 fi
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+.venv/bin/ruff check --quiet . || { echo "ruff found problems (see above)" >&2; exit 1; }
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

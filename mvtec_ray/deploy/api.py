@@ -13,10 +13,10 @@ import hashlib
 import hmac
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
-from typing import Sequence
 
 import numpy as np
 

@@ -7,128 +7,31 @@ models' image size ``S`` (as :func:`~mvtec_ray.data.images.decode_image` does), 
 anomalous, anomalous iff ``score >= threshold``). Its metadata (category, detector, threshold,
 backbone, weights, image size) travels in the file (TorchScript: extra file ``mvtec_ray.json``).
 
-Detectors whose scoring is plain tensor algebra export: knn and patchcore (the memory bank is
-stored in the file; exact search, as the saved flat index does), mahalanobis, padim and the
-autoencoder. The scikit-learn ones (ocsvm, iforest, lof, elliptic) are refused.
+A detector exports when it has a torch head (:meth:`~mvtec_ray.detectors.base.Detector.torch_head`,
+defined beside each detector): those whose scoring is plain tensor algebra, knn and patchcore (the
+memory bank is stored in the file; exact search, as the saved flat index does), mahalanobis, padim and
+the autoencoder. The scikit-learn ones (ocsvm, iforest, lof, elliptic) have none and are refused.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from mvtec_ray.config import RunConfig
 from mvtec_ray.deploy.loaded_models import ModelSet, plan_models
-from mvtec_ray.detectors.preprocess import Preprocessor
+from mvtec_ray.detectors.registry import available_detectors, detector_class
 from mvtec_ray.errors import UserError
 from mvtec_ray.storage import Storage
 
-EXPORTABLE = ("knn", "patchcore", "mahalanobis", "padim", "autoencoder")
 META_FILE = "mvtec_ray.json"
 
 
-class _Affine(nn.Module):
-    """A fitted :class:`Preprocessor`: ``((x - mean) / scale) @ components.T`` in float64, out float32."""
-
-    def __init__(self, pre: Preprocessor | None):
-        super().__init__()
-        self.active = pre is not None and pre.mode != "none"
-        d = pre.n_features_in if pre is not None else 0
-        mean = pre.mean if self.active else np.zeros(d)
-        scale = pre.scale if self.active else np.ones(d)
-        comps = pre.components if self.active and pre.is_pca else np.eye(d)
-        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float64)))
-        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, np.float64)))
-        self.register_buffer("components_t", torch.as_tensor(np.asarray(comps, np.float64).T.copy()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return x
-        return (((x.double() - self.mean) / self.scale) @ self.components_t).float()
-
-
-def _nearest(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean L2 distance to the k nearest rows of ``bank`` (float64, like faiss's flat index but exact)."""
-    q = queries.double()
-    d2 = (q * q).sum(1, keepdim=True) + (bank * bank).sum(1)[None, :] - 2.0 * (q @ bank.t())
-    smallest = torch.topk(d2, k, dim=1, largest=False).values
-    return smallest.clamp_min(0).sqrt().mean(1)
-
-
-class KNNHead(nn.Module):
-    def __init__(self, detector):
-        super().__init__()
-        self.pre = _Affine(detector.preprocessor)
-        index = detector.index_
-        self.register_buffer("bank", torch.as_tensor(index.reconstruct_n(0, index.ntotal).astype(np.float64)))
-        self.k = min(int(detector.params["k"]), int(index.ntotal))
-
-    def forward(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        return _nearest(self.pre(pooled), self.bank, self.k)
-
-
-class MahalanobisHead(nn.Module):
-    def __init__(self, detector):
-        super().__init__()
-        self.pre = _Affine(detector.preprocessor)
-        self.register_buffer("mean", torch.as_tensor(np.asarray(detector.mean_, np.float64)))
-        self.register_buffer("precision", torch.as_tensor(np.asarray(detector.precision_, np.float64)))
-
-    def forward(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        diff = self.pre(pooled).double() - self.mean
-        return ((diff @ self.precision) * diff).sum(1).clamp_min(0).sqrt()
-
-
-class AutoencoderHead(nn.Module):
-    def __init__(self, detector):
-        super().__init__()
-        self.pre = _Affine(detector.preprocessor)
-        self.scaler = _Affine(detector._scaler)
-        self.net = detector.model_.eval()
-
-    def forward(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        x = self.scaler(self.pre(pooled)).float()
-        return ((self.net(x) - x) ** 2).mean(1).double()
-
-
-class PatchCoreHead(nn.Module):
-    def __init__(self, detector):
-        super().__init__()
-        p = detector.params
-        if p["reweight"]:
-            raise UserError("patchcore with reweight=True cannot be exported (its reweighting searches the bank "
-                            "again); refit with reweight=False")
-        index = detector._index
-        self.register_buffer("bank", torch.as_tensor(index.reconstruct_n(0, index.ntotal).astype(np.float64)))
-        self.k = min(int(p["k"]), int(index.ntotal))
-        self.channels = int(detector.grid_[2])
-
-    def forward(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        n = patches.shape[0]
-        flat = patches.float().reshape(-1, self.channels)
-        return _nearest(flat, self.bank, self.k).float().reshape(n, -1).max(1).values.double()
-
-
-class PaDiMHead(nn.Module):
-    def __init__(self, detector):
-        super().__init__()
-        self.register_buffer("channels", torch.as_tensor(np.asarray(detector.channels_, np.int64)))
-        self.register_buffer("mean", torch.as_tensor(np.asarray(detector.mean_, np.float32)))
-        self.register_buffer("inv_cov", torch.as_tensor(np.asarray(detector.inv_cov_, np.float32)))
-
-    def forward(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        n = patches.shape[0]
-        x = patches.index_select(3, self.channels).float().reshape(n, -1, self.mean.shape[1]).transpose(0, 1)
-        delta = x - self.mean[:, None, :]
-        md2 = (torch.bmm(delta, self.inv_cov) * delta).sum(-1)
-        return md2.clamp_min(0).sqrt().t().reshape(n, -1).max(1).values.double()
-
-
-HEADS = {"knn": KNNHead, "mahalanobis": MahalanobisHead, "autoencoder": AutoencoderHead,
-         "patchcore": PatchCoreHead, "padim": PaDiMHead}
+def exportable_detectors() -> list[str]:
+    """The detectors that have a torch head (imports every detector's code)."""
+    return [name for name in available_detectors() if detector_class(name).has_torch_head()]
 
 
 class EdgeModel(nn.Module):
@@ -153,10 +56,10 @@ class EdgeModel(nn.Module):
 
 def build_edge_model(model_set: ModelSet, category: str, detector: str) -> tuple[EdgeModel, dict]:
     stored = next(m for m in model_set.models[category] if m.detector.name == detector)
-    if detector not in HEADS:
-        raise UserError(f"detector {detector!r} cannot be exported (scikit-learn model); exportable: "
-                        f"{', '.join(EXPORTABLE)}")
-    head = HEADS[detector](stored.detector)
+    if not stored.detector.has_torch_head():
+        raise UserError(f"detector {detector!r} cannot be exported (it has no torch head); "
+                        f"exportable: {', '.join(exportable_detectors())}")
+    head = stored.detector.torch_head()
     extractor = model_set.extractor.cpu().eval()
     model = EdgeModel(extractor, head, stored.threshold, stored.detector.feature_column).eval()
     schema = stored.info["schema"]
@@ -172,9 +75,10 @@ def build_edge_model(model_set: ModelSet, category: str, detector: str) -> tuple
 def export_model(config: RunConfig, models_uri: str, category: str, detector: str, fmt: str = "torchscript",
                  output: str | None = None) -> Path:
     """Write ``category``/``detector`` under ``models_uri`` as one file; return its path."""
-    if detector not in EXPORTABLE:
+    exportable = exportable_detectors()
+    if detector not in exportable:
         raise UserError(f"detector {detector!r} cannot be exported (only tensor-algebra detectors can: "
-                        f"{', '.join(EXPORTABLE)})")
+                        f"{', '.join(exportable)})")
     if fmt not in ("torchscript", "onnx"):
         raise UserError(f"unknown export format {fmt!r} (torchscript or onnx)")
     storage = Storage(config.s3)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import posixpath
-from typing import Iterator
+from collections.abc import Iterator
 
 import pandas as pd
 import pyarrow.fs as pafs
 
 from mvtec_ray.data.catalog import IMAGE_EXTENSIONS
-from mvtec_ray.deploy.loaded_models import ModelSet, check_models, plan_models  # noqa: F401 - check_models: one import path
 from mvtec_ray.storage import Storage
 
 LISTING_COLUMNS = ["uri", "version", "category", "problem"]

@@ -7,8 +7,9 @@ and scores uint8 images through the one feature path (:func:`~mvtec_ray.features
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,6 +36,24 @@ from mvtec_ray.features.backbones import (
 from mvtec_ray.storage import Storage
 
 
+@dataclass(frozen=True)
+class ModelSelection:
+    """Which models to load and how their features are computed: the small part of a
+    :class:`ModelPlan` that every scoring actor or replica receives (the weights travel apart)."""
+
+    models_uri: str
+    pairs: list[tuple[str, str]]
+    backbone: str
+    patch_dim: int | None = None
+    padim_channels: int | None = None
+    #: the model's input size: anomaly maps are smoothed at it (as at fit time)
+    input_size: int | None = None
+    #: feature schema the models must match (measured on a blank image)
+    expect: dict | None = None
+    #: "category/detector" -> model version at planning time (a model replaced since is refused)
+    versions: dict | None = None
+
+
 @dataclass
 class ModelPlan:
     """What a scorer needs: the models, their shared schema, the weights and the extraction settings."""
@@ -53,6 +72,11 @@ class ModelPlan:
     @property
     def categories(self) -> list[str]:
         return sorted({c for c, _ in self.pairs})
+
+    @property
+    def selection(self) -> ModelSelection:
+        return ModelSelection(self.models_uri, self.pairs, self.schema["backbone"], self.schema.get("patch_dim"),
+                              self.extract.padim_channels, self.extract.image_size, self.expect, self.versions)
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -142,25 +166,22 @@ class Scored(NamedTuple):
 class ModelSet:
     """The backbone and every model of some categories, loaded once (per actor or replica)."""
 
-    def __init__(self, models_uri: str, pairs: list[tuple[str, str]], storage: Storage, backbone: str,
-                 weights: dict | None, patch_dim: int | None, device: str = "cpu", expect: dict | None = None,
-                 versions: dict | None = None, padim_channels: int | None = None, input_size: int | None = None):
-        self.extractor = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim, padim_channels),
-                                            device)
-        #: the model's input size: anomaly maps are smoothed at it (as at fit time)
-        self.input_size = input_size
+    def __init__(self, selection: ModelSelection, storage: Storage, weights: dict | None, device: str = "cpu"):
+        spec = BACKBONES[selection.backbone]
+        self.extractor = prepare_for_device(
+            FeatureExtractor(spec, weights, selection.patch_dim, selection.padim_channels), device)
+        self.input_size = selection.input_size
         self.models: dict[str, list[StoredModel]] = {}
-        for category, name in pairs:
-            model = load_model(storage, models_uri, category, name, expect=expect)
-            if versions and versions.get(f"{category}/{name}") not in (None, model.version):
+        versions = selection.versions or {}
+        for category, name in selection.pairs:
+            model = load_model(storage, selection.models_uri, category, name, expect=selection.expect)
+            if versions.get(f"{category}/{name}") not in (None, model.version):
                 raise ModelMismatch(f"model {category}/{name} was replaced while the scorer started; start again")
             self.models.setdefault(category, []).append(model)
 
     @classmethod
-    def from_plan(cls, plan: ModelPlan, storage: Storage, device: str = "cpu") -> "ModelSet":
-        return cls(plan.models_uri, plan.pairs, storage, plan.schema["backbone"], plan.weights.state_dict,
-                   plan.schema.get("patch_dim"), device=device, expect=plan.expect, versions=plan.versions,
-                   padim_channels=plan.extract.padim_channels, input_size=plan.extract.image_size)
+    def from_plan(cls, plan: ModelPlan, storage: Storage, device: str = "cpu") -> ModelSet:
+        return cls(plan.selection, storage, plan.weights.state_dict, device)
 
     def score(self, images: np.ndarray, categories: Sequence[str], map_size: int | None = None,
               detectors: Sequence[Sequence[str] | None] | None = None) -> list[list[Scored]]:

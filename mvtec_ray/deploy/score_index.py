@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mvtec_ray.deploy.loaded_models import ModelSet, check_models, plan_models  # noqa: F401 - check_models: one import path
 from mvtec_ray.storage import Storage, join
 
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mvtec_ray.config import ExtractConfig
-from mvtec_ray.deploy.loaded_models import ModelSet, check_models, plan_models  # noqa: F401 - check_models: one import path
+from mvtec_ray.deploy.loaded_models import ModelSelection, ModelSet
 from mvtec_ray.deploy.score_index import input_key
 from mvtec_ray.features.prepare import prepare_batch
 from mvtec_ray.features.store import shard_name, tensor_array
@@ -25,17 +25,12 @@ class Scorer:
 
     ``weights`` is the backbone's state dict (the Ray layer resolves an object reference first)."""
 
-    def __init__(self, models_uri: str, pairs: list[tuple[str, str]], storage: Storage, backbone: str, weights,
-                 patch_dim: int | None, map_size: int, threads: int | None = None, device: str = "cpu",
-                 expect: dict | None = None, versions: dict | None = None, scored_at: float = 0.0,
-                 padim_channels: int | None = None, input_size: int | None = None):
+    def __init__(self, selection: ModelSelection, storage: Storage, weights: dict | None, map_size: int,
+                 threads: int | None = None, device: str = "cpu", scored_at: float = 0.0):
         if threads:
             self._threads = pin_threads(threads)
-        self.model_set = ModelSet(models_uri, pairs, storage, backbone, weights, patch_dim, device=device,
-                                  expect=expect, versions=versions, padim_channels=padim_channels,
-                                  input_size=input_size)
+        self.model_set = ModelSet(selection, storage, weights, device)
         self.map_size = map_size
-        self.input_size = input_size
         self.scored_at = scored_at
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

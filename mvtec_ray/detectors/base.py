@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Detector(ABC):
         return {}
 
     @abstractmethod
-    def fit(self, X: np.ndarray, X_val: np.ndarray | None = None) -> "Detector":
+    def fit(self, X: np.ndarray, X_val: np.ndarray | None = None) -> Detector:
         """Fit on normal features. ``X_val`` (held-out normals) may be used for early stopping; the fit
         stage passes none, since its validation images choose the threshold."""
 
@@ -62,6 +63,19 @@ class Detector(ABC):
         """Per-pixel anomaly maps ``(n, h, w)`` float32 at ``output_size`` (patch detectors only)."""
         raise NotImplementedError(f"{self.name} produces no anomaly maps")
 
+    # -- export --------------------------------------------------------------
+    def torch_head(self) -> Any:
+        """A ``torch.nn.Module`` scoring as :meth:`score` does, for the edge export
+        (:mod:`mvtec_ray.deploy.export`): ``head(pooled, maps)`` takes the pooled vectors ``(n, dim)``
+        float32 and the detector's feature maps ``(n, H, W, C)`` float16 (the pooled vectors again for a
+        pooled detector) and returns the scores ``(n,)`` float64. Detectors whose scoring is not plain
+        tensor algebra (the scikit-learn ones) have none."""
+        raise NotImplementedError(f"detector {self.name!r} has no torch head")
+
+    @classmethod
+    def has_torch_head(cls) -> bool:
+        return cls.torch_head is not Detector.torch_head
+
     # -- persistence -------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -72,7 +86,7 @@ class Detector(ABC):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Detector":
+    def load(cls, directory: str | Path) -> Detector:
         directory = Path(directory)
         meta = json.loads((directory / PARAMS_FILE).read_text())
         if meta["name"] != cls.name:
@@ -95,11 +109,6 @@ def save_arrays(path: Path, **arrays: np.ndarray) -> None:
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
-
-
-def iter_chunks(n: int, chunk: int) -> Iterator[slice]:
-    for start in range(0, n, chunk):
-        yield slice(start, min(start + chunk, n))
 
 
 def as_float32(X: np.ndarray | Iterable) -> np.ndarray:

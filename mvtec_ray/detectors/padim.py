@@ -15,13 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from mvtec_ray.detectors.base import load_arrays, save_arrays
-from mvtec_ray.detectors.coreset import (
-    budget_bytes,
-    iter_budget_chunks,
-    resolve_torch_device,
-)
+from mvtec_ray.detectors.chunks import budget_bytes, iter_budget_chunks
+from mvtec_ray.detectors.coreset import resolve_torch_device
 from mvtec_ray.detectors.patch import _PatchDetector, _peak_rss_mb
 from mvtec_ray.detectors.registry import register
 
@@ -76,7 +74,7 @@ class PaDiM(_PatchDetector):
             self.channels_ = np.sort(rng.choice(C, size=int(wanted), replace=False)).astype(np.int64)
         return self.channels_
 
-    def fit(self, X: Any, X_val: Any = None) -> "PaDiM":
+    def fit(self, X: Any, X_val: Any = None) -> PaDiM:
         t0 = time.perf_counter()
         dev = self._device
         budget = budget_bytes(self.params["memory_budget_mb"])
@@ -186,3 +184,24 @@ class PaDiM(_PatchDetector):
         self.inv_cov_ = arrays["inv_cov"].astype(np.float32, copy=False)
         self._on_device = None
         self._load_stats(directory)
+
+    # -- export ----------------------------------------------------------------
+    def torch_head(self) -> nn.Module:
+        return PaDiMHead(self)
+
+
+class PaDiMHead(nn.Module):
+    """:class:`PaDiM`'s image score in torch: Mahalanobis distance per position, max over positions."""
+
+    def __init__(self, detector: PaDiM):
+        super().__init__()
+        self.register_buffer("channels", torch.as_tensor(np.asarray(detector.channels_, np.int64)))
+        self.register_buffer("mean", torch.as_tensor(np.asarray(detector.mean_, np.float32)))
+        self.register_buffer("inv_cov", torch.as_tensor(np.asarray(detector.inv_cov_, np.float32)))
+
+    def forward(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        n = patches.shape[0]
+        x = patches.index_select(3, self.channels).float().reshape(n, -1, self.mean.shape[1]).transpose(0, 1)
+        delta = x - self.mean[:, None, :]
+        md2 = (torch.bmm(delta, self.inv_cov) * delta).sum(-1)
+        return md2.clamp_min(0).sqrt().t().reshape(n, -1).max(1).values.double()

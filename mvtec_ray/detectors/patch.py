@@ -2,7 +2,7 @@
 
 Patch detectors consume maps ``(n, H, W, C)`` (``input_kind = "patches"``; the stored column
 is ``feature_column``), given either as an ndarray or as a re-iterable chunk source (see
-:mod:`.coreset`), and never turn the whole input into one float32 array: everything runs
+:mod:`.chunks`), and never turn the whole input into one float32 array: everything runs
 chunk by chunk within ``memory_budget_mb``. Scores: higher = more anomalous; image score =
 max patch score. PaDiM lives in :mod:`.padim`.
 """
@@ -21,15 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from torch import nn
 
-from mvtec_ray.detectors.base import Detector, iter_chunks, load_arrays, save_arrays
-from mvtec_ray.detectors.coreset import (
-    budget_bytes,
-    iter_budget_chunks,
-    resolve_torch_device,
-    select_coreset,
-)
+from mvtec_ray.detectors.base import Detector, load_arrays, save_arrays
+from mvtec_ray.detectors.chunks import budget_bytes, iter_budget_chunks, iter_chunks
+from mvtec_ray.detectors.coreset import resolve_torch_device, select_coreset
 from mvtec_ray.detectors.registry import register
+from mvtec_ray.detectors.torch_heads import bank_tensor, mean_nearest_distance
+from mvtec_ray.errors import UserError
 
 STATS_FILE = "fit_stats.json"
 
@@ -190,7 +189,7 @@ class PatchCore(_PatchDetector):
         self._gpu_res: Any = None
 
     # -- fitting -------------------------------------------------------------
-    def fit(self, X: Any, X_val: Any = None) -> "PatchCore":
+    def fit(self, X: Any, X_val: Any = None) -> PatchCore:
         p = self.params
         device = resolve_torch_device(p["use_gpu"])
         if device.type == "cuda":
@@ -328,3 +327,27 @@ class PatchCore(_PatchDetector):
         self.coreset_indices_ = arrays["coreset_indices"]
         self._set_index(faiss.read_index(str(directory / "memory_bank.faiss")))
         self._load_stats(directory)
+
+    # -- export ----------------------------------------------------------------
+    def torch_head(self) -> nn.Module:
+        return PatchCoreHead(self)
+
+
+class PatchCoreHead(nn.Module):
+    """:class:`PatchCore`'s image score in torch: exact search of the bank, max over patches."""
+
+    def __init__(self, detector: PatchCore):
+        super().__init__()
+        p = detector.params
+        if p["reweight"]:
+            raise UserError("patchcore with reweight=True cannot be exported (its reweighting searches the bank "
+                            "again); refit with reweight=False")
+        index = detector._index
+        self.register_buffer("bank", bank_tensor(index))
+        self.k = min(int(p["k"]), int(index.ntotal))
+        self.channels = int(detector.grid_[2])
+
+    def forward(self, pooled: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        n = patches.shape[0]
+        flat = patches.float().reshape(-1, self.channels)
+        return mean_nearest_distance(flat, self.bank, self.k).float().reshape(n, -1).max(1).values.double()

@@ -56,7 +56,7 @@ class Preprocessor:
             raise RuntimeError("preprocessor is not fitted")
         return len(self.components) if self.is_pca else self.n_features_in
 
-    def fit(self, X: np.ndarray) -> "Preprocessor":
+    def fit(self, X: np.ndarray) -> Preprocessor:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or len(X) < 1:
             raise ValueError(f"expected a non-empty 2-D array, got shape {X.shape}")
@@ -129,7 +129,7 @@ class Preprocessor:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Preprocessor":
+    def load(cls, path: str | Path) -> Preprocessor:
         a = load_arrays(Path(path))
         max_components = int(a["max_components"])
         pre = cls(str(a["mode"]), float(a["variance"]),

@@ -25,13 +25,13 @@ class DetectorInfo:
 #: the one table of built-in detectors, in the order of the default run: config defaults, the fit
 #: order (longest first) and the benchmarks read it
 BUILTIN: tuple[DetectorInfo, ...] = (
-    DetectorInfo("ocsvm", "pooled", 1.0, "pooled"),
-    DetectorInfo("iforest", "pooled", 1.5, "pooled"),
-    DetectorInfo("lof", "pooled", 0.5, "pooled"),
-    DetectorInfo("elliptic", "pooled", 1.0, "pooled"),
-    DetectorInfo("knn", "pooled", 0.2, "pooled"),
-    DetectorInfo("autoencoder", "pooled", 20.0, "pooled"),
-    DetectorInfo("mahalanobis", "pooled", 3.0, "pooled"),
+    DetectorInfo("ocsvm", "pooled", 1.0, "sklearn_detectors"),
+    DetectorInfo("iforest", "pooled", 1.5, "sklearn_detectors"),
+    DetectorInfo("lof", "pooled", 0.5, "sklearn_detectors"),
+    DetectorInfo("elliptic", "pooled", 1.0, "sklearn_detectors"),
+    DetectorInfo("knn", "pooled", 0.2, "knn"),
+    DetectorInfo("autoencoder", "pooled", 20.0, "autoencoder"),
+    DetectorInfo("mahalanobis", "pooled", 3.0, "mahalanobis"),
     DetectorInfo("padim", "patches", 100.0, "padim"),
     DetectorInfo("patchcore", "patches", 200.0, "patch"),
 )

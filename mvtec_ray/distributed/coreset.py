@@ -6,7 +6,8 @@ columns to a task and brings the selected indices back.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -24,7 +24,7 @@ NOISE = (
 )
 
 _requested = False
-_active: "NativeStderrFilter | None" = None
+_active: NativeStderrFilter | None = None
 
 
 class NativeStderrFilter:

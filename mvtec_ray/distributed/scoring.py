@@ -119,8 +119,7 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     if category and config.categories and category not in config.categories:
         raise UserError(f"--category {category!r} is not among --categories {', '.join(config.categories)}")
     plan = plan_models(config, storage, models_uri, detectors, categories=config.categories)
-    pairs, schema, weights, extract_cfg = plan.pairs, plan.schema, plan.weights, plan.extract
-    selected, expect, versions = plan.categories, plan.expect, plan.versions
+    weights, extract_cfg, selected = plan.weights, plan.extract, plan.categories
 
     summary = ScoringSummary(out_uri)
     done = np.zeros(0, np.uint64) if rescore else scored_index(storage, out_uri)
@@ -147,11 +146,9 @@ def run_scoring(config: RunConfig, models_uri: str, images_uri: str, category: s
     resources = cluster_plan(extract_cfg)
     # an actor per block at most: one that could get no input only costs its start (and Ray Data warns)
     actors = max(1, min(resources["actors"], len(blocks)))
-    scorer_kwargs = {"models_uri": models_uri, "pairs": pairs, "backbone": schema["backbone"],
-                     "weights": ray.put(weights.state_dict), "patch_dim": schema.get("patch_dim"),
-                     "padim_channels": extract_cfg.padim_channels, "input_size": extract_cfg.image_size,
+    scorer_kwargs = {"selection": plan.selection, "weights": ray.put(weights.state_dict),
                      "map_size": config.evaluation.pixel_eval_size, "threads": resources["threads"],
-                     "device": resources["device"], "expect": expect, "versions": versions, "scored_at": scored_at}
+                     "device": resources["device"], "scored_at": scored_at}
     use_ray_data()
     if resources["fused"]:
         worker = {"config": extract_cfg, "storage": storage, "out_uri": out_uri, **scorer_kwargs}

@@ -57,7 +57,7 @@ class ServeArgs(BaseModel):
 
 
 def _page() -> bytes:
-    return resources.files("mvtec_ray").joinpath("web/index.html").read_bytes()
+    return resources.files("mvtec_ray").joinpath("deploy/web/index.html").read_bytes()
 
 
 @serve.deployment(name="scoring", max_ongoing_requests=32, health_check_period_s=10)

@@ -6,8 +6,9 @@ A caller describes its stages; this module turns them into ``map_batches`` calls
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass

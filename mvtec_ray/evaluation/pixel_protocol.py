@@ -13,15 +13,17 @@
 
 Maps are smoothed at the model's input resolution (see ``detectors.patch.upsample_smooth``), so
 they do not depend on the evaluation size.
+Every resize of a map (bilinear) or a mask (nearest) here is :func:`mvtec_ray.evaluation.maps.resize_map`,
+the one the overlays and the report use too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from mvtec_ray.data.images import content_box, crop_box, decode_mask, decode_mask_png
+from mvtec_ray.evaluation.maps import resize_map
 from mvtec_ray.storage import Storage
 
 
@@ -47,10 +49,10 @@ class PixelProtocol:
                 top, left, h, w = content_box(*(int(v) for v in source_hw), size)
                 if not mask_png:
                     return np.zeros((h, w), bool)
-                return _nearest(self._content(decode_mask_png(mask_png), source_hw), (h, w))
+                return resize_map(self._content(decode_mask_png(mask_png), source_hw), (h, w), nearest=True)
             if not mask_png:
                 return np.zeros((size, size), bool)
-            return _nearest(decode_mask_png(mask_png), (size, size))
+            return resize_map(decode_mask_png(mask_png), (size, size), nearest=True)
         if mask_uri:
             try:
                 mask = decode_mask(storage.read_bytes(mask_uri), None)
@@ -75,7 +77,7 @@ class PixelProtocol:
         if self.resize != "pad":
             return maps_at(detector, patch_scores, shapes, self.input_size)
         square = detector.maps_from_patch_scores(patch_scores, (self.input_size,) * 2, self.input_size)
-        return [_bilinear(self._content(m, hw), shape) for m, hw, shape in zip(square, source_hws, shapes)]
+        return [resize_map(self._content(m, hw), shape) for m, hw, shape in zip(square, source_hws, shapes)]
 
     def input_frame(self, maps: np.ndarray, masks: list[np.ndarray], source_hws) -> tuple[list, list]:
         """Validation maps and masks at the input size, as lists of 2-D arrays, padding removed."""
@@ -102,18 +104,3 @@ def maps_at(detector, patch_scores: np.ndarray, shapes: list[tuple[int, int]], i
             out[i] = m
     return out  # type: ignore[return-value]
 
-
-def _nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-    if mask.shape == tuple(shape):
-        return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]),
-                                                                        Image.Resampling.NEAREST)) > 127
-
-
-def _bilinear(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if anomaly_map.shape == tuple(shape):
-        return np.ascontiguousarray(anomaly_map, dtype=np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=tuple(int(v) for v in shape), mode="bilinear",
-                                           align_corners=False)[0, 0].numpy()

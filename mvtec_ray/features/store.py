@@ -45,8 +45,9 @@ import hashlib
 import io
 import json
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -153,7 +154,7 @@ class FeatureSet:
     _first_rows: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def open(cls, features: str, storage: Storage | None = None, require_complete: bool = True) -> "FeatureSet":
+    def open(cls, features: str, storage: Storage | None = None, require_complete: bool = True) -> FeatureSet:
         """``features`` is a fingerprint folder, or a features root holding exactly one complete run."""
         storage = storage or Storage()
         if storage.exists(join(features, EXTRACT_META)):

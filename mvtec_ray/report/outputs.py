@@ -11,7 +11,7 @@ from mvtec_ray.storage import Storage, join
 
 def write_outputs(out_uri: str, storage: Storage, config: RunConfig, results: pd.DataFrame, scores: pd.DataFrame,
                   errors: pd.DataFrame | None = None, skipped: pd.DataFrame | None = None) -> None:
-    from mvtec_ray.report.html import results_markdown
+    from mvtec_ray.report.tables import results_markdown
     storage.write_bytes(join(out_uri, "config.yaml"), config.dump_yaml().encode())
     storage.write_bytes(join(out_uri, "results.parquet"), parquet_bytes(results))
     storage.write_bytes(join(out_uri, "results.csv"), results.to_csv(index=False).encode())

@@ -2,7 +2,8 @@
 
 Composed in numpy and encoded with Pillow (a matplotlib figure per image would cost ~10x more).
 The image is what the model saw (resized, centre-cropped when configured); the ground truth,
-map and predicted mask (``map >= pixel threshold``) are resized onto it. One colour range per
+map and predicted mask (``map >= pixel threshold``) are resized onto it
+(:func:`~mvtec_ray.evaluation.maps.resize_map`, as the pixel metrics resize). One colour range per
 (category, detector) so maps compare across images.
 """
 from __future__ import annotations
@@ -13,17 +14,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from mvtec_ray.evaluation.maps import resize_map
+
 PANELS = ("image", "ground truth", "anomaly map", "predicted outline")
 GAP = 4
 HEADER = 28  # two text lines: the caption, then the panel titles
-
-
-def _resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    if array.shape == (size, size):
-        return array
-    if nearest:
-        return np.asarray(Image.fromarray(array.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
-    return np.asarray(Image.fromarray(array.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -38,8 +33,8 @@ def render_overlay(image: np.ndarray, truth: np.ndarray, anomaly_map: np.ndarray
     """PNG bytes of the four panels side by side (``image``: uint8 (s, s, 3))."""
     from matplotlib import colormaps
     size = image.shape[0]
-    truth = _resize(np.asarray(truth, bool), size, nearest=True)
-    amap = _resize(np.asarray(anomaly_map, np.float32), size, nearest=False)
+    truth = resize_map(truth, (size, size), nearest=True)
+    amap = resize_map(anomaly_map, (size, size))
     predicted = amap >= threshold
     base = image.astype(np.float32)
 

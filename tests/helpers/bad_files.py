@@ -98,7 +98,7 @@ def seed_bad_files(root: Path, category: str) -> SeededDataset:
     cat = root / category
     good_test, good_train = cat / "test" / "good", cat / "train" / "good"
     errors, skipped, ok = {}, {}, set()
-    for i, (name, (data, expected)) in enumerate(image_files().items()):
+    for _i, (name, (data, expected)) in enumerate(image_files().items()):
         # a couple in train/good: their error rows then cover every variant of a training image
         target = (good_train if name in ("zero_bytes.png", "truncated.png") else good_test) / name
         target.write_bytes(data)

@@ -20,7 +20,7 @@ class Browser:
         self.profile = Path(profile)
         self.proc: subprocess.Popen | None = None
 
-    async def __aenter__(self) -> "Page":
+    async def __aenter__(self) -> Page:
         import aiohttp
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)

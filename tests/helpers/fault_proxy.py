@@ -116,7 +116,7 @@ class FaultProxy:
             self.injected += 1
             return self.statuses[(self.injected - 1) % len(self.statuses)]
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

@@ -71,13 +71,13 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_head(small_dataset, tmp_pat
         assert info.status == JobStatus.SUCCEEDED, \
             f"{info.status}: {info.message}\n--- job output ---\n{job.stdout[-6000:]}{job.stderr[-3000:]}"
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "Job '%s' succeeded" % job_id in job.stdout + job.stderr
+        assert f"Job '{job_id}' succeeded" in job.stdout + job.stderr
 
         # the uploaded working dir: the project's code, not the venv, runs/ or .git
         unpacked = [p for p in Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/*") if p.is_dir()]
         assert unpacked, "no unpacked working_dir on the head"
         for wd in unpacked:
-            assert (wd / "pipelines" / "run.py").is_file() and (wd / "mvtec_ray" / "pipeline.py").is_file()
+            assert (wd / "pipelines" / "run.py").is_file() and (wd / "mvtec_ray" / "distributed" / "pipeline.py").is_file()
             assert not any((wd / name).exists() for name in (".venv", "runs", ".git")), sorted(os.listdir(wd))
     finally:
         stop = run(["bash", str(LOCAL_SH), "stop", *cluster_args], timeout=120)

@@ -23,7 +23,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 def test_only_the_known_native_notice_is_dropped():
     out = _python(f"""
         import logging, os, sys
-        from mvtec_ray import native_stderr
+        from mvtec_ray.distributed import native_stderr
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         native_stderr.request(True)
         native_stderr.start_if_requested()
@@ -46,7 +46,7 @@ def test_only_the_known_native_notice_is_dropped():
 def test_without_a_request_nothing_is_filtered():
     out = _python(f"""
         import os
-        from mvtec_ray import native_stderr
+        from mvtec_ray.distributed import native_stderr
         native_stderr.start_if_requested()
         os.write(2, {NOTICE!r}.encode() + b"\\n")
         native_stderr.stop()

@@ -52,15 +52,15 @@ def test_s3_out_gets_the_report_and_report_rewrites_it(ray_session, s3_server, s
 
 
 def test_report_of_an_s3_run_reads_its_s3_images(s3_server, s3_settings, tmp_path):
-    from mvtec_ray.report.html import _load_rgb, _RunFolder
+    from mvtec_ray.report.run_folder import RunFolder, load_rgb
     from mvtec_ray.storage import Storage
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
     s3_server["client"].put_object(Bucket="mvtec", Key="images/red.png", Body=buffer.getvalue())
     storage = Storage(s3_settings)
-    remote = _RunFolder("s3://mvtec/some-run", storage)
-    image = _load_rgb(remote.source("s3://mvtec/images/red.png"))
+    remote = RunFolder("s3://mvtec/some-run", storage)
+    image = load_rgb(remote.source("s3://mvtec/images/red.png"))
     assert image is not None and image.shape == (30, 40, 3) and tuple(image[0, 0]) == (200, 10, 10)
     assert remote.source("s3://mvtec/images/missing.png") is None  # a placeholder, not a crash
     # a local run's report does not reach out to S3 for its images
-    assert _RunFolder(tmp_path, storage).source("s3://mvtec/images/red.png") is None
+    assert RunFolder(tmp_path, storage).source("s3://mvtec/images/red.png") is None

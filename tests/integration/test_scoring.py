@@ -50,7 +50,7 @@ def _config(fitted, out, **extract):
 def _incoming(small_dataset, root: Path, n: int = 4) -> Path:
     """n washer test images under root/washer, plus files that cannot be scored."""
     (root / "washer").mkdir(parents=True)
-    for i, path in enumerate(sorted((small_dataset / "washer" / "test").rglob("*.png"))[:n]):
+    for _i, path in enumerate(sorted((small_dataset / "washer" / "test").rglob("*.png"))[:n]):
         shutil.copy(path, root / "washer" / f"{path.parent.name}_{path.name}")
     (root / "grid_gray").mkdir()
     shutil.copy(next((small_dataset / "grid_gray" / "test" / "good").glob("*.png")), root / "grid_gray" / "g.png")

@@ -174,8 +174,9 @@ def test_run_with_search_and_a_false_alarm_budget(folder_run, tmp_path):
     from mvtec_ray.config import load_config
     from mvtec_ray.distributed.pipeline import run_fit
     from mvtec_ray.features.store import FeatureSet
-    from mvtec_ray.report.html import format_tuning_table, write_report
+    from mvtec_ray.report.html import write_report
     from mvtec_ray.report.outputs import write_outputs
+    from mvtec_ray.report.tables import format_tuning_table
     from mvtec_ray.storage import Storage
     config = load_config(None, {"out": str(tmp_path), "detectors.names": ["knn", "lof"],
                                 "search.enabled": True, "search.grids": GRIDS,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from mvtec_ray.detectors.chunks import ArrayChunks
 from mvtec_ray.detectors.coreset import (
-    ArrayChunks,
     coreset_size,
     covering_radius,
     greedy_kcenter,

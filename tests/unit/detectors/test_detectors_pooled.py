@@ -12,13 +12,15 @@ from sklearn.ensemble import IsolationForest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from mvtec_ray.detectors import pooled
 from mvtec_ray.detectors.base import PARAMS_FILE
+from mvtec_ray.detectors.pooled_base import PooledDetector
 from mvtec_ray.detectors.preprocess import Preprocessor
-from mvtec_ray.detectors.registry import REGISTRY
+from mvtec_ray.detectors.registry import BUILTIN, REGISTRY, _load_builtin
+from mvtec_ray.detectors.sklearn_detectors import OCSVMDetector, SklearnDetector
 
-POOLED = sorted(name for name, cls in REGISTRY.items() if cls.__module__ == pooled.__name__)
-SKLEARN = sorted(name for name in POOLED if issubclass(REGISTRY[name], pooled.SklearnDetector))
+_load_builtin()
+POOLED = sorted(name for name, cls in REGISTRY.items() if issubclass(cls, PooledDetector))
+SKLEARN = sorted(name for name in POOLED if issubclass(REGISTRY[name], SklearnDetector))
 DIM = 64
 
 
@@ -46,9 +48,9 @@ def data():
 @pytest.fixture(scope="module")
 def fitted(data):
     train, val, _, _ = data
-    cache: dict[str, pooled.PooledDetector] = {}
+    cache: dict[str, PooledDetector] = {}
 
-    def get(name: str) -> pooled.PooledDetector:
+    def get(name: str) -> PooledDetector:
         if name not in cache:
             cache[name] = REGISTRY[name]().fit(train, X_val=val)
         return cache[name]
@@ -61,6 +63,11 @@ def test_all_pooled_detectors_registered():
     for name in POOLED:
         assert REGISTRY[name].input_kind == "pooled"
         assert REGISTRY[name].default_params()["preprocess"] in ("none", "standard")
+
+
+def test_the_table_names_the_module_that_registers_each_detector():
+    for info in BUILTIN:
+        assert REGISTRY[info.name].__module__ == f"mvtec_ray.detectors.{info.module}", info
 
 
 @pytest.mark.parametrize("name", POOLED)
@@ -144,15 +151,15 @@ def test_allow_list_covers_what_skops_reports(name, tmp_path):
 def test_skops_loader_refuses_untrusted_and_foreign_models(data, tmp_path):
     train, _, _, _ = data
     REGISTRY["ocsvm"]().fit(train).save(tmp_path)
-    model_file = tmp_path / pooled.OCSVMDetector.MODEL_FILE
+    model_file = tmp_path / OCSVMDetector.MODEL_FILE
     # a Tree is outside ocsvm's (empty) allow-list
     sio.dump(IsolationForest(n_estimators=3, random_state=0).fit(train), model_file)
     with pytest.raises(sio.exceptions.UntrustedTypesFoundException):
-        pooled.OCSVMDetector.load(tmp_path)
+        OCSVMDetector.load(tmp_path)
     # skops trusts every sklearn estimator by default: the class check must catch it
     sio.dump(LogisticRegression().fit(train, np.arange(len(train)) % 2), model_file)
     with pytest.raises(TypeError, match="LogisticRegression"):
-        pooled.OCSVMDetector.load(tmp_path)
+        OCSVMDetector.load(tmp_path)
 
 
 def test_knn_is_mean_euclidean_distance_to_k_nearest(data):
@@ -244,3 +251,23 @@ def test_detector_with_pca95_round_trips(name, data, tmp_path):
     loaded = REGISTRY[name].load(tmp_path)
     assert loaded.preprocessor.mode == "pca95"
     np.testing.assert_allclose(loaded.score(test), det.score(test), rtol=1e-5)
+
+
+def test_thread_limits_restore_every_count():
+    """``limited_threads`` and its one-library variants leave torch's and faiss's counts as they were."""
+    import faiss
+
+    from mvtec_ray.threads import limited_threads
+    saved = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+    try:
+        before = torch.get_num_threads(), faiss.omp_get_max_threads()
+        for options in ({}, {"torch": False}, {"faiss": False, "blas": False}, {"torch": False, "faiss": False}):
+            with limited_threads(1, **options):
+                if options.get("torch", True):
+                    assert torch.get_num_threads() == 1
+            assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before, options
+    finally:
+        torch.set_num_threads(saved[0])
+        faiss.omp_set_num_threads(saved[1])

@@ -160,7 +160,7 @@ def test_choose_pixel_threshold_rules():
 def test_predicted_masks_and_overlays_for_every_test_image(pixel_store, tmp_path, detector):
     import pandas as pd
 
-    from mvtec_ray.report.html import write_overlay_gallery
+    from mvtec_ray.report.gallery import write_overlay_gallery
     outcome = _fit(pixel_store, tmp_path, detector)
     test = outcome.scores[outcome.scores["split"] == "test"]
     assert len(test) == SIZES["test"]

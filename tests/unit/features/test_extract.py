@@ -27,6 +27,7 @@ from mvtec_ray.data.synthetic import make_synthetic_anomaly, row_rng
 from mvtec_ray.distributed.cluster import WRITER_CPUS, cluster_plan
 from mvtec_ray.distributed.extraction import run_extraction
 from mvtec_ray.errors import WeightsUnavailable
+from mvtec_ray.features import store as features_module
 from mvtec_ray.features.backbone_specs import BACKBONES
 from mvtec_ray.features.backbones import (
     RANDOM_WEIGHTS_ID,
@@ -42,7 +43,6 @@ from mvtec_ray.features.store import (
     FeatureSet,
     tensor_to_numpy,
 )
-from mvtec_ray.features import store as features_module
 from mvtec_ray.storage import Storage
 from tests.helpers.s3_upload import upload_tree
 

@@ -74,6 +74,7 @@ def test_padim_reads_its_own_column(tmp_path):
 
 def test_saved_padim_model_scores_through_the_scorer(tmp_path, small_dataset, lite0_weights):
     """Scoring computes PaDiM's input in the same forward pass and gives the fit-time scores."""
+    from mvtec_ray.deploy.loaded_models import ModelSelection
     from mvtec_ray.deploy.scorer import Scorer
     from mvtec_ray.features.backbones import probe_feature_shapes
     from mvtec_ray.features.prepare import prepare_batch
@@ -94,8 +95,9 @@ def test_saved_padim_model_scores_through_the_scorer(tmp_path, small_dataset, li
     metadata = extraction_metadata(config, lite0_weights, probe_feature_shapes(config, lite0_weights))
     models = str(tmp_path / "models")
     save_model(Storage(), models, "washer", detector, 1.0, "test", metadata)
-    scorer = Scorer(models, [("washer", "padim")], Storage(), "efficientnet_lite0", lite0_weights.state_dict,
-                    None, map_size=32, padim_channels=metadata["padim_shape"][-1], input_size=64)
+    selection = ModelSelection(models, [("washer", "padim")], "efficientnet_lite0",
+                               padim_channels=metadata["padim_shape"][-1], input_size=64)
+    scorer = Scorer(selection, Storage(), lite0_weights.state_dict, map_size=32)
     rows = scorer({"image": prepared["image"][8:], "status": prepared["status"][8:],
                    "error": prepared["error"][8:], "source_uri": prepared["source_uri"][8:],
                    "source_version": prepared["source_version"][8:], "category": prepared["category"][8:]})

@@ -105,7 +105,7 @@ def test_autoencoder_never_early_stops_on_the_threshold_images(store, monkeypatc
     images (a seeded part of the train split), or the threshold would sit on images the fit tuned on."""
     import torch
 
-    from mvtec_ray.detectors.pooled import AutoencoderDetector
+    from mvtec_ray.detectors.autoencoder import AutoencoderDetector
     seen = {}
     original_fit, original_loss = AutoencoderDetector._fit, AutoencoderDetector._loss
 

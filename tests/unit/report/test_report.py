@@ -1,4 +1,4 @@
-"""Tests for mvtec_ray.report.html on small fake run folders (same schema as the pipeline writes)."""
+"""Tests for the report (mvtec_ray.report.html, tables, figures) on small fake run folders (same schema as the pipeline writes)."""
 from __future__ import annotations
 
 import math
@@ -13,12 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mvtec_ray.report.html import (
-    ORACLE_LABEL,
-    format_results_table,
-    results_markdown,
-    write_report,
-)
+from mvtec_ray.report.html import write_report
+from mvtec_ray.report.tables import ORACLE_LABEL, format_results_table, results_markdown
 
 CATEGORIES = ["bottle", "screw"]
 DETECTORS = ["gaussian", "knn", "patchcore"]
@@ -29,7 +25,7 @@ RANDOM = "RANDOM (not pretrained)"
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     pos, neg = scores[labels == 1], scores[labels == 0]
-    return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
 def make_fake_run(out: Path, *, weights: str = "imagenet", categories=CATEGORIES, detectors=DETECTORS,
@@ -113,8 +109,8 @@ def make_fake_run(out: Path, *, weights: str = "imagenet", categories=CATEGORIES
     res = pd.DataFrame(results)
     res.to_parquet(out / "results.parquet")
     pd.DataFrame(scores).to_parquet(out / "scores.parquet")
-    (out / "config.yaml").write_text("backbone: resnet18\nweights: %s\ndetectors: [%s]\n<b>not html</b>\n"
-                                     % (weights, ", ".join(detectors)))
+    (out / "config.yaml").write_text(f"backbone: resnet18\nweights: {weights}\ndetectors: [{', '.join(detectors)}]\n"
+                                     "<b>not html</b>\n")
     return out
 
 
