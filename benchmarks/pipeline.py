@@ -30,7 +30,7 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None, config
     _blas_limit = pin_threads(threads)  # torch, faiss, BLAS; the BLAS limit holds while it lives
     from mvtec_ray.config import load_config
     from mvtec_ray.data.catalog import build_catalog
-    from mvtec_ray.deploy.model_files import write_manifest
+    from mvtec_ray.deploy.model_files import update_manifest
     from mvtec_ray.evaluation.summary import summarise
     from mvtec_ray.features.backbones import resolve_weights
     from mvtec_ray.features.store import FeatureSet
@@ -58,8 +58,7 @@ def bare(data: str, out: str, backbone: str, detectors: list[str] | None, config
     import pandas as pd
     results = summarise(pd.DataFrame([o.row for o in outcomes]))
     scores = pd.concat([o.scores for o in outcomes if len(o.scores)], ignore_index=True)
-    write_manifest(storage, join(out, "models"), [{"category": o.row["category"], "detector": o.row["detector"],
-                                                   "status": o.row["status"]} for o in outcomes])
+    update_manifest(storage, join(out, "models"), [o.row for o in outcomes], metadata.get("fingerprint"))
     write_outputs(out, storage, config, results, scores, features.error_rows().to_pandas(), catalog.skipped)
     write_report(out)
     ok = results[results["category"] != "mean"] if "category" in results else results

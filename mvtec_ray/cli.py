@@ -16,6 +16,22 @@ from mvtec_ray.errors import UserError
 log = logging.getLogger("mvtec_ray")
 
 
+def echo(text: object = "", file=None) -> None:
+    """The one place the command line prints: file and category names come from the data, so the
+    terminal controls they may hold (ESC sequences, bidi overrides, undecodable bytes) are shown
+    as escapes (:func:`~mvtec_ray.storage.printable_text`), never acted on."""
+    from mvtec_ray.storage import printable_text
+    print(printable_text(str(text)), file=file or sys.stdout, flush=True)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines go through the same escaping as :func:`echo` (warnings name files too)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from mvtec_ray.storage import printable_text
+        return printable_text(super().format(record))
+
+
 def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True, extraction: bool = True,
             detectors: bool = True) -> None:
     if data:
@@ -90,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-file", help="file holding a bearer token the API then requires "
                                         "(default: the MVTEC_RAY_TOKEN environment variable, else no token)")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="serve without a token on a --host other than loopback (refused otherwise)")
+    p.add_argument("--max-image-pixels", type=int, help="largest image decoded, pixels (413 over it; "
+                                                        "default 16000000, or the config's lower limit)")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per dynamic batch")
     p.add_argument("--max-replicas", type=int, default=1, help="autoscaling limit of the replicas")
 
@@ -153,9 +173,9 @@ def cmd_sample_data(args) -> int:
     except FileExistsError as exc:
         raise UserError(f"{exc} (use --overwrite)") from None
     for category, counts in summary.items():
-        print(f"{category}: {counts['train']} train, {counts['test_good']} test/good, "
+        echo(f"{category}: {counts['train']} train, {counts['test_good']} test/good, "
               f"{sum(counts['test_defect'].values())} test defects ({', '.join(counts['test_defect'])})")
-    print(f"wrote {args.out}")
+    echo(f"wrote {args.out}")
     return 0
 
 
@@ -183,11 +203,11 @@ def cmd_run(args) -> int:
     started = time.perf_counter()
     outputs = run_pipeline(config, features_uri=args.features, catalog=catalog, weights=weights)
     _print_extraction(outputs.extraction)
-    print(format_results_table(outputs.results))
+    echo(format_results_table(outputs.results))
     if config.search.enabled:
-        print(format_tuning_table(outputs.results))
-    print(f"report: {write_report(config.out, storage=Storage(config.s3))}")
-    print(f"outputs: {config.out} (results.md/csv/parquet, scores.parquet, models/, features/)  "
+        echo(format_tuning_table(outputs.results))
+    echo(f"report: {write_report(config.out, storage=Storage(config.s3))}")
+    echo(f"outputs: {config.out} (results.md/csv/parquet, scores.parquet, models/, features/)  "
           f"total {time.perf_counter() - started:.1f}s: " +
           ", ".join(f"{k} {v:.1f}s" for k, v in outputs.seconds.items()))
     return 0
@@ -197,10 +217,14 @@ def _print_extraction(extraction) -> None:
     if extraction is None:
         return
     ok = int(extraction.counts.loc[extraction.counts["status"] == "ok", "rows"].sum())
-    print(f"features: {extraction.features_dir}: {ok} rows ok, {len(extraction.errors)} errors, "
-          f"{extraction.skipped_existing} reused, {extraction.seconds:.1f}s")
+    again = "".join(f", {n} {what}" for n, what in (
+        (extraction.changed, "extracted again (file changed)"),
+        (extraction.retried_errors, "errors retried"),
+        (extraction.dropped, "no longer in the data (not read)")) if n)
+    echo(f"features: {extraction.features_dir}: {ok} rows ok, {len(extraction.errors)} errors, "
+          f"{extraction.skipped_existing} reused{again}, {extraction.seconds:.1f}s")
     for row in extraction.errors.head(20).itertuples():
-        print(f"  error: {row.source_uri}: {row.error}")
+        echo(f"  error: {row.source_uri}: {row.error}")
 
 
 def cmd_extract(args) -> int:
@@ -214,7 +238,7 @@ def cmd_extract(args) -> int:
     connect(config.ray)
     result = run_extraction(catalog, config.out, config.extract, storage, weights)
     _print_extraction(result)
-    print(result.counts.pivot_table(index="category", columns="split", values="rows", aggfunc="sum",
+    echo(result.counts.pivot_table(index="category", columns="split", values="rows", aggfunc="sum",
                                     fill_value=0).to_string())
     return 0
 
@@ -235,10 +259,10 @@ def cmd_fit(args) -> int:
     results, scores = run_fit(features, config.out, config, storage)
     errors = features.error_rows().to_pandas()
     write_outputs(config.out, storage, config, results, scores, errors)
-    print(format_results_table(results))
+    echo(format_results_table(results))
     if config.search.enabled:
-        print(format_tuning_table(results))
-    print(f"report: {write_report(config.out, storage=storage)}")
+        echo(format_tuning_table(results))
+    echo(f"report: {write_report(config.out, storage=storage)}")
     return 0
 
 
@@ -248,12 +272,12 @@ def cmd_score(args) -> int:
     _require(config, "out")
     summary = run_scoring(config, models_uri=args.models, images_uri=args.images, category=args.category,
                           rescore=args.rescore, detectors=_split(args.detectors))
-    print(summary.describe())
+    echo(summary.describe())
     return 0
 
 
 def cmd_serve(args) -> int:
-    from mvtec_ray.deploy.api import TOKEN_ENV, token_digest
+    from mvtec_ray.deploy.api import TOKEN_ENV, is_loopback, token_digest
     config = config_from_args(args)
     token = None
     if args.token_file:
@@ -265,13 +289,19 @@ def cmd_serve(args) -> int:
             raise UserError(f"--token-file {args.token_file} is empty")
     elif os.environ.get(TOKEN_ENV, "").strip():
         token = os.environ[TOKEN_ENV].strip()
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("serving on %s without a token: anyone who reaches this address can use the API "
-                    "(--token-file or %s)", args.host, TOKEN_ENV)
+    # before Ray is imported or connected: an open API on a reachable address is never an accident
+    loopback = is_loopback(args.host)
+    if not token and not loopback and not args.allow_anonymous:
+        raise UserError(f"refusing to serve on {args.host} without a token: anyone who reaches it could use "
+                        f"the API; give --token-file or set {TOKEN_ENV}, or pass --allow-anonymous")
+    if not token and not loopback:
+        log.warning("serving on %s without a token (--allow-anonymous): anyone who reaches this address can "
+                    "use the API", args.host)
     from mvtec_ray.distributed.serve import ServeArgs, run_service
+    extra = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
     serve_args = ServeArgs(models=args.models, categories=config.categories, detectors=_split(args.detectors),
                            token_sha256=token_digest(token) if token else None, max_batch_size=args.max_batch_size,
-                           max_replicas=args.max_replicas)
+                           max_replicas=args.max_replicas, allow_anonymous=not token, **extra)
     return run_service(serve_args, config, args.host, args.port)
 
 
@@ -279,7 +309,7 @@ def cmd_export(args) -> int:
     from mvtec_ray.deploy.export import export_model
     config = config_from_args(args)
     path = export_model(config, args.models, args.category, args.detector, args.format, args.output)
-    print(f"wrote {path}")
+    echo(f"wrote {path}")
     return 0
 
 
@@ -293,7 +323,7 @@ def cmd_report(args) -> int:
         path = write_report(args.out, storage=Storage(config.s3))
     except FileNotFoundError:
         raise UserError(f"not a run folder: {args.out} (no results.parquet)") from None
-    print(f"report: {path}")
+    echo(f"report: {path}")
     return 0
 
 
@@ -305,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for noisy in ("ray", "filelock", "urllib3", "botocore", "matplotlib", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from mvtec_ray.distributed import native_stderr
@@ -312,13 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(f"mvtec-ray {args.command}: interrupted", file=sys.stderr)
+        echo(f"mvtec-ray {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         user = find_user_error(exc)
         if user is None or args.debug:
             raise  # a bug (or --debug): the traceback is what helps
-        print(f"mvtec-ray {args.command}: error: {_one_line(user)}", file=sys.stderr)
+        echo(f"mvtec-ray {args.command}: error: {_one_line(user)}", file=sys.stderr)
         return 2
     finally:
         native_stderr.stop()

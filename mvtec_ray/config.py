@@ -123,6 +123,10 @@ class ExtractConfig(_Strict):
     """Largest image accepted, in pixels (a decode limit shared by extraction, `score` and `serve`, where a larger image is a 413)."""
     min_image_side: int = Field(16, ge=1)
     """Smallest accepted image side in pixels; a smaller image is a decode error ("too small"), recorded with its reason."""
+    max_file_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    """Largest image or mask file read, in bytes (default 256 MiB): a larger listed file is an error row ("file too large") before any byte is read, in extraction and in `score`, and a file is read only up to this many bytes. Files are also refused on their first bytes when these announce no PNG, JPEG, BMP, TIFF or WebP."""
+    max_error_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    """Error budget per (category, split): when more than this fraction of its rows could not be read or decoded, the extraction stops with one line naming them instead of fitting on what is left (finished rows are kept; the next run retries the errors). 1 = never stop."""
     seed: int = 0
     """Seed of the hold-out, the augmentations and the synthetic defects."""
 
@@ -204,6 +208,13 @@ class DetectorsConfig(_Strict):
             raise ValueError("no detectors selected")
         return names
 
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from mvtec_ray.detectors.registry import check_params
+        check_params(params)  # names only: a detector's own checks run when it is built
+        return params
+
 
 class EvaluationConfig(_Strict):
     """Thresholds (from validation data only), metrics and the pixel protocol."""
@@ -261,6 +272,8 @@ class SearchConfig(_Strict):
             for param, values in grid.items():
                 if not values:
                     raise ValueError(f"search grid {detector}.{param} is empty")
+        from mvtec_ray.detectors.registry import check_params
+        check_params(grids)
         return grids
 
 
@@ -303,6 +316,38 @@ class RunConfig(_Strict):
         return yaml.safe_dump(data, sort_keys=False)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last,
+    silently dropping the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            # keys written in this mapping; those a merge (<<) brings in may be overridden
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the base constructor reports it
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_unique_keys(text: str) -> Any:
+    """``yaml.safe_load(text)`` with :class:`_UniqueKeyLoader` (a ``SafeLoader``: plain data only)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read YAML (if given), apply dotted CLI overrides (``extract.backbone``), validate."""
     data: dict[str, Any] = {}
@@ -312,7 +357,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except OSError as exc:
             raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _load_unique_keys(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

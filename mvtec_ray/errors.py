@@ -18,6 +18,12 @@ class StorageUnavailable(StorageError):
     input, so it fails the run (nothing marked complete) instead of becoming an error row."""
 
 
+class StorageAccessDenied(StorageError):
+    """Storage refused the credentials (403, expired or invalid token, bad signature): not a bad
+    image, so like :class:`StorageUnavailable` it fails the run (resumable, nothing marked complete)
+    instead of becoming an error row per image."""
+
+
 class WeightsUnavailable(UserError):
     """Requested backbone weights cannot be had; the message names the alternatives."""
 

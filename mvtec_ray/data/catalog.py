@@ -20,12 +20,52 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from mvtec_ray.errors import CatalogError
+from mvtec_ray.evaluation.summary import MEAN_ROW
 from mvtec_ray.storage import Storage, is_s3
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 ENTRY_COLUMNS = ["image_id", "uri", "category", "split", "label", "defect_type", "mask_uri",
                  "size_bytes", "version"]
 SKIPPED_COLUMNS = ["uri", "category", "reason"]
+#: the longest category name: it is a folder name in the features, models, maps and overlays
+MAX_CATEGORY_LENGTH = 128
+
+
+def category_name_problem(name: object) -> str:
+    """Why ``name`` cannot be a category (empty string: it can). The one rule for dataset folders,
+    manifests and the stores that build paths from a category:
+
+    one path component (no ``/`` or ``\\``, not ``.`` or ``..``), non-empty, at most
+    :data:`MAX_CATEGORY_LENGTH` characters, no control characters or surrounding spaces, not starting
+    with ``.`` (hidden) or ``_`` (the stores' own files, e.g. ``_extract.json``), and not ``mean``
+    (the results' mean rows, :data:`~mvtec_ray.evaluation.summary.MEAN_ROW`).
+    """
+    if not isinstance(name, str) or not name:
+        return "a category name must not be empty"
+    if "/" in name or "\\" in name:
+        return "a category name must not contain '/' or '\\'"
+    if name in (".", ".."):
+        return "a category name must not be '.' or '..'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "a category name must not contain control characters"
+    if name != name.strip():
+        return "a category name must not start or end with a space"
+    if len(name) > MAX_CATEGORY_LENGTH:
+        return f"a category name must have at most {MAX_CATEGORY_LENGTH} characters"
+    if name[0] in "._":
+        return "a category name must not start with '.' or '_' (hidden files; the stores' own files)"
+    if name == MEAN_ROW:
+        return f"{MEAN_ROW!r} is reserved for the results' mean rows; rename the category"
+    return ""
+
+
+def check_category_name(name: object, where: str = "") -> str:
+    """``name`` if it is a valid category (:func:`category_name_problem`), else a one-line
+    :class:`CatalogError` naming the value (and ``where`` it came from)."""
+    problem = category_name_problem(name)
+    if problem:
+        raise CatalogError(f"{where + ': ' if where else ''}category {name!r}: {problem}")
+    return name
 
 
 @dataclass
@@ -75,6 +115,8 @@ def build_catalog(root: str, storage: Storage | None = None,
             raise CatalogError(f"categories not found under {root}: {', '.join(missing)} "
                                f"(found: {', '.join(found)})")
         found = [c for c in found if c in categories]
+    for category in found:  # hidden folders are skipped above; every folder used must be a valid name
+        check_category_name(category, f"folder {storage.uri_of(root, posixpath.join(root_path, category))}")
 
     rows, skipped, warnings = [], list(special_rows), []
     for path in top_level_files:
@@ -148,7 +190,7 @@ def _catalog_category(root: str, category: str, files: list, storage: Storage):
         if label:
             mask_uri = masks.get((defect_type, stem), "")
             used_masks.add((defect_type, stem))
-        version = f"{info.size}-{info.mtime_ns or 0}"
+        version = storage.version_of(root, info)
         rows.append({"image_id": f"{category}/{split}/{defect_type}/{name}", "uri": uri,
                      "category": category, "split": split, "label": label,
                      "defect_type": defect_type, "mask_uri": mask_uri,

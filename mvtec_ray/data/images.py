@@ -6,11 +6,18 @@ can be traced back to its source file and the exact transform parameters.
 from __future__ import annotations
 
 import io
+import re
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from mvtec_ray.storage import Storage
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
@@ -38,12 +45,9 @@ class DecodeLimits:
 
 def _open(data: bytes, limits: DecodeLimits, what: str = "image") -> Image.Image:
     """Header only: format, size and the pixel limits are checked before anything is decoded."""
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
+    check_header(data[:HEADER_BYTES], what)
     try:
-        with warnings.catch_warnings():
-            # our own max_pixels applies; Pillow's bomb warning would reject below it
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _strict():
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise DecodeError(f"not a readable {what} (unknown format; expected PNG, JPEG, BMP, TIFF or WebP)") from None
@@ -58,6 +62,123 @@ def _open(data: bytes, limits: DecodeLimits, what: str = "image") -> Image.Image
     if min(width, height) < limits.min_side:
         raise DecodeError(f"{what} too small ({width}x{height} < {limits.min_side} px)")
     return image
+
+
+#: bytes of a file read first: its format is checked on them before the whole file is read
+HEADER_BYTES = 64
+
+
+def check_header(head: bytes, what: str = "image") -> str:
+    """The format the first bytes of a file announce (one of :data:`ALLOWED_FORMATS`), or
+    :class:`DecodeError`: a text file or a multi-GB blob is refused on its first bytes."""
+    if not head:
+        raise DecodeError("empty file (0 bytes)")
+    Image.init()
+    for fmt in ALLOWED_FORMATS:
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        try:
+            verdict = accept(head) if accept else False
+        except Exception:  # noqa: BLE001 - a plugin's check on too few bytes
+            verdict = False
+        if verdict and not isinstance(verdict, str):  # a str is Pillow's "recognised but unsupported"
+            return fmt
+    raise DecodeError(f"not a readable {what} (unknown format; expected PNG, JPEG, BMP, TIFF or WebP)")
+
+
+def read_image_file(storage: Storage, uri: str, max_file_bytes: int, size_bytes: int | None = None,
+                    what: str = "image") -> bytes:
+    """The bytes of an image (or mask) file, refused before they are read when the listed
+    ``size_bytes`` is over ``max_file_bytes``, refused on its first bytes when they are no image,
+    and read only up to the limit (a file that grew since its listing is refused too)."""
+    from mvtec_ray.storage import TooLarge
+    if size_bytes is not None and size_bytes > max_file_bytes:
+        raise DecodeError(f"{what} file too large ({size_bytes} bytes > max_file_bytes {max_file_bytes})")
+    try:
+        return storage.read_bytes(uri, max_bytes=max_file_bytes, head=lambda h: check_header(h, what),
+                                  head_bytes=HEADER_BYTES)
+    except TooLarge as exc:
+        raise DecodeError(f"{what} file too large ({exc})") from None
+
+
+#: warning filters are process-wide: two threads in catch_warnings at once (the service decodes in
+#: threads) could leave "error" installed for the whole process, so strict sections take turns
+_STRICT = threading.Lock()
+
+
+@contextmanager
+def _strict():
+    """Decoder warnings are errors (a half-broken file is a decode error, never a training image);
+    our own ``max_pixels`` applies, so Pillow's bomb warning is not one."""
+    with _STRICT, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _load(image: Image.Image, data: bytes) -> None:
+    """Decode the pixels strictly: decoder warnings are errors, and the container is checked for
+    the corruption decoders let through (a JPEG whose end-of-image marker is gone, e.g. a
+    zero-filled second half; a WebP ending in a long run of zero bytes)."""
+    with _strict():
+        image.load()
+    problem = None
+    if image.format in ("JPEG", "MPO"):
+        problem = jpeg_problem(data)
+    elif image.format == "WEBP":
+        problem = _zero_tail_problem(data)
+    if problem:
+        raise DecodeError(problem)
+
+
+#: inside a JPEG's entropy-coded data a 0xFF byte is followed by 0x00 (stuffing), a restart
+#: marker 0xD0-0xD7 or a fill 0xFF; anything else ends the scan
+_SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Why a JPEG is structurally broken, or None: walks the segments and the scans' data up to
+    the first end-of-image marker (libjpeg only warns about what this finds, and Pillow drops
+    its warnings). Data after that marker (MPO frames, camera trailers) is not looked at."""
+    n, pos, scans = len(data), 2, 0
+    while True:
+        if pos + 2 > n:
+            return "truncated or corrupt JPEG (no end-of-image marker)"
+        if data[pos] != 0xFF:
+            return f"corrupt JPEG (no segment marker at byte {pos})"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return None if scans else "corrupt JPEG (no image data before the end-of-image marker)"
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart markers and TEM stand alone
+            pos += 2
+            continue
+        if marker < 0xC0:
+            return f"corrupt JPEG data (invalid marker 0x{marker:02X} at byte {pos})"
+        if pos + 4 > n:
+            return "truncated or corrupt JPEG (no end-of-image marker)"
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            return f"corrupt JPEG (segment length {length} at byte {pos})"
+        pos += 2 + length
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            scans += 1
+            found = _SCAN_END.search(data, pos)
+            if found is None:
+                return "truncated or corrupt JPEG (no end-of-image marker)"
+            pos = found.start()
+
+
+def _zero_tail_problem(data: bytes) -> str | None:
+    """A compressed file whose last quarter (and at least 512 bytes) is zero bytes was partly
+    written or zero-filled: valid WebPs end in at most a few percent of zeros (an all-black
+    7000x8000 lossy WebP: 5.4 %)."""
+    zeros = len(data) - len(data.rstrip(b"\0"))
+    if zeros >= 512 and zeros * 4 >= len(data):
+        return f"corrupt image: the file ends in {zeros} zero bytes of {len(data)} (partly written or zero-filled)"
+    return None
 
 
 def crop_offset(size: int, resize_to: int | None) -> int:
@@ -134,7 +255,7 @@ def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits(),
         width, height = image.size  # before draft(), which shrinks a JPEG's size
         if image.format in ("JPEG", "MPO"):
             image.draft("RGB", (full, full))  # decode JPEGs at reduced scale: faster, less memory
-        image.load()
+        _load(image, data)
         orientation = _orientation(image)
         transposed = orientation in (5, 6, 7, 8)
         target = (full, full)
@@ -159,14 +280,25 @@ def decode_image(data: bytes, size: int, limits: DecodeLimits = DecodeLimits(),
 
 
 def decode_mask(data: bytes, size: int | None, limits: DecodeLimits = DecodeLimits(),
-                resize_to: int | None = None, resize: str = "stretch") -> np.ndarray:
+                resize_to: int | None = None, resize: str = "stretch",
+                image_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Mask bytes -> bool array (size, size), resized, cropped or padded as :func:`decode_image`
-    does; nearest resampling keeps it binary. ``size=None``: the mask at its own full resolution."""
+    does; nearest resampling keeps it binary. ``size=None``: the mask at its own full resolution.
+
+    EXIF orientation is applied as to images. ``image_hw``: the (height, width) of the mask's
+    image as decoded (:func:`image_dimensions`); a mask of another size is a :class:`DecodeError`,
+    never silently stretched onto it."""
     _check_resize(resize, resize_to)
     mask = _open(data, DecodeLimits(limits.max_pixels, 1), "mask")
     try:
-        mask.load()
+        _load(mask, data)
+        orientation = _orientation(mask)
         mask = mask.convert("L")
+        if orientation in _ORIENTATION:
+            mask = mask.transpose(_ORIENTATION[orientation])
+        if image_hw is not None and (mask.size[1], mask.size[0]) != tuple(image_hw):
+            raise DecodeError(f"mask is {mask.size[0]}x{mask.size[1]} but its image is "
+                              f"{image_hw[1]}x{image_hw[0]} (width x height)")
         if size is None:
             return np.asarray(mask) > 127
         if resize == "pad":
@@ -176,6 +308,8 @@ def decode_mask(data: bytes, size: int | None, limits: DecodeLimits = DecodeLimi
         full = max(size, resize_to or size)
         mask = mask.resize((full, full), Image.Resampling.NEAREST)
         return centre_crop(np.asarray(mask), size, resize_to) > 127
+    except DecodeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure on untrusted bytes is a decode error
         raise DecodeError(f"unreadable mask: {_short(exc)}") from None
 

@@ -16,7 +16,7 @@ import posixpath
 import pandas as pd
 import pyarrow.fs as pafs
 
-from mvtec_ray.data.catalog import ENTRY_COLUMNS, SKIPPED_COLUMNS, Catalog
+from mvtec_ray.data.catalog import ENTRY_COLUMNS, SKIPPED_COLUMNS, Catalog, category_name_problem
 from mvtec_ray.errors import CatalogError
 from mvtec_ray.storage import Storage, is_s3
 
@@ -93,7 +93,7 @@ def build_manifest_catalog(uri: str, storage: Storage | None = None,
             warnings.append(f"{row['category']}: defect image without a mask: {row['image_id']}")
         entries.append({**{k: row[k] for k in ("image_id", "uri", "category", "split", "label", "defect_type",
                                                "mask_uri")},
-                        "size_bytes": int(info.size or 0), "version": f"{info.size}-{info.mtime_ns or 0}"})
+                        "size_bytes": int(info.size or 0), "version": storage.version_of(row["uri"], info)})
     frame = pd.DataFrame(entries, columns=ENTRY_COLUMNS).sort_values("image_id", ignore_index=True)
     return Catalog(root=uri, entries=frame, skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
                    warnings=warnings)
@@ -145,10 +145,9 @@ def _parse_row(record: dict, base: str) -> tuple[dict, str]:
     path, category, split = _text(record.get("path")), _text(record.get("category")), _text(record.get("split"))
     if not path:
         return {}, "empty path"
-    if not category:
-        return {}, "empty category"
-    if "/" in category:
-        return {}, f"category {category!r} must not contain '/'"
+    problem = category_name_problem(category)
+    if problem:
+        return {}, f"category {category!r}: {problem}"
     if split not in ("train", "test"):
         return {}, f"unknown split {split!r} (expected train or test)"
     label_text = _text(record.get("label"))

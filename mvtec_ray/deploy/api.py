@@ -12,8 +12,12 @@ import base64
 import hashlib
 import hmac
 import io
+import ipaddress
+import os
+import posixpath
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -21,14 +25,21 @@ from email.policy import HTTP
 import numpy as np
 
 from mvtec_ray.config import RunConfig
-from mvtec_ray.data.images import DecodeError, decode_image
+from mvtec_ray.data.images import DecodeError, DecodeLimits, decode_image
 from mvtec_ray.deploy.loaded_models import ModelPlan, ModelSet, Scored, plan_models
+from mvtec_ray.errors import UserError
 from mvtec_ray.storage import Storage
 
 #: environment variable holding the bearer token (when no token file is given)
 TOKEN_ENV = "MVTEC_RAY_TOKEN"
 #: largest request body accepted, bytes (an image over it is answered 413)
 MAX_BODY_BYTES = 32 * 1024 * 1024
+#: largest image the service decodes, pixels (a 4000 x 4000 photo; decoding one costs up to ~8 bytes
+#: per pixel, so a 171 KiB PNG bomb can no longer cost 230 MiB); lower than extraction's limit
+SERVE_MAX_IMAGE_PIXELS = 16_000_000
+#: decodes one replica runs at once (the rest wait): bounds a replica's decode memory whatever
+#: its max_ongoing_requests
+MAX_CONCURRENT_DECODES = 2
 #: patch detector whose map the answer shows, in order of preference
 MAP_PREFERENCE = ("patchcore", "padim")
 
@@ -46,8 +57,38 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.strip().encode()).hexdigest()
 
 
+def service_token_digest(token_sha256: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The digest the service checks: the one given (``token_sha256``), else that of
+    ``$MVTEC_RAY_TOKEN``, else None (no token)."""
+    if token_sha256:
+        return token_sha256
+    token = (environ.get(TOKEN_ENV) or "").strip()
+    return token_digest(token) if token else None
+
+
+def require_token_or_anonymous(digest: str | None, allow_anonymous: bool, where: str = "the service") -> None:
+    """The rule that keeps a service from being open by accident: without a token it starts only when
+    anonymous access was asked for explicitly (``allow_anonymous: true`` / ``--allow-anonymous``)."""
+    if not digest and not allow_anonymous:
+        raise UserError(f"{where} refuses to start without a bearer token: set {TOKEN_ENV} in the environment "
+                        f"of every node (or give a token file), or allow anonymous access explicitly "
+                        f"(allow_anonymous: true in the Serve args, --allow-anonymous for mvtec-ray serve)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = (host or "").strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
 def check_token(authorization: str | None, digest: str | None) -> None:
-    """Bearer token check; a service without a token digest is open."""
+    """Bearer token check; a service without a token digest is open (it started only with
+    ``allow_anonymous``, see :func:`require_token_or_anonymous`)."""
     if not digest:
         return
     scheme, _, given = (authorization or "").partition(" ")
@@ -55,6 +96,52 @@ def check_token(authorization: str | None, digest: str | None) -> None:
         raise ApiError(401, "missing bearer token (Authorization: Bearer TOKEN)")
     if not hmac.compare_digest(token_digest(given), digest):
         raise ApiError(401, "wrong bearer token")
+
+
+async def read_body(chunks: AsyncIterator[bytes], max_bytes: int = MAX_BODY_BYTES,
+                    declared: str | None = None) -> bytes:
+    """The request body read chunk by chunk (Starlette's ``request.stream()``), answered 413 as soon
+    as it passes ``max_bytes``: a chunked upload without Content-Length never fills the replica's
+    memory, and a declared length over the limit is refused before anything is read."""
+    if declared and declared.strip().isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"request body of {int(declared)} bytes is over the limit of {max_bytes} bytes")
+    parts, total = [], 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            raise ApiError(413, f"request body of more than {max_bytes} bytes is over the limit of {max_bytes} bytes")
+        if chunk:
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+class ImageDecoder:
+    """:func:`~mvtec_ray.data.images.decode_image` with the service's limits, at most ``concurrency``
+    decodes at a time (the other requests' threads wait): a replica's decode memory is bounded by
+    ``concurrency`` x ``limits.max_pixels`` x ~8 bytes whatever its number of ongoing requests."""
+
+    def __init__(self, image_size: int, limits: DecodeLimits, resize_to: int | None = None,
+                 resize: str = "stretch", concurrency: int = MAX_CONCURRENT_DECODES):
+        self.image_size, self.limits, self.resize_to, self.resize = image_size, limits, resize_to, resize
+        self.slots = threading.BoundedSemaphore(max(1, int(concurrency)))
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        with self.slots:
+            try:
+                return decode_image(data, self.image_size, self.limits, self.resize_to, self.resize)
+            except DecodeError as exc:
+                raise ApiError(413 if "too large" in str(exc) else 400, str(exc)) from None
+
+
+def public_weights(weights_id: str | None) -> str | None:
+    """A weights identity fit to show a client: ``imagenet:...`` and ``random`` as they are, a
+    local or S3 file by its file name only (``file:/home/me/w.pth`` -> ``file:w.pth``)."""
+    if weights_id is None:
+        return None
+    kind, _, rest = str(weights_id).partition(":")
+    if kind == "file" and rest:
+        return f"file:{posixpath.basename(rest.replace(chr(92), '/').rstrip('/'))}"
+    return str(weights_id)
 
 
 def image_bytes(body: bytes, content_type: str | None, max_bytes: int = MAX_BODY_BYTES) -> bytes:
@@ -88,24 +175,29 @@ class ScoringService:
     """Loaded models plus the rules of the HTTP API (see the README's "Online scoring")."""
 
     def __init__(self, models_uri: str, config: RunConfig | None = None, categories: Sequence[str] | None = None,
-                 detectors: Sequence[str] | None = None, device: str = "cpu", max_body_bytes: int = MAX_BODY_BYTES):
+                 detectors: Sequence[str] | None = None, device: str = "cpu", max_body_bytes: int = MAX_BODY_BYTES,
+                 max_image_pixels: int = SERVE_MAX_IMAGE_PIXELS, max_concurrent_decodes: int = MAX_CONCURRENT_DECODES):
         config = config or RunConfig()
         storage = Storage(config.s3)
         self.plan: ModelPlan = plan_models(config, storage, models_uri, detectors, categories)
         self.model_set = ModelSet.from_plan(self.plan, storage, device=device)
         self.max_body_bytes = max_body_bytes
         self.image_size = int(self.plan.extract.image_size)
-        self.limits = self.plan.decode_limits
+        batch = self.plan.decode_limits  # the batch job's; the service's pixel limit is lower
+        self.limits = DecodeLimits(min(batch.max_pixels, int(max_image_pixels)), batch.min_side)
+        self.decoder = ImageDecoder(self.image_size, self.limits, self.plan.extract.resize_to,
+                                    self.plan.extract.resize, max_concurrent_decodes)
 
     # -- answers ----------------------------------------------------------------
     def models_info(self) -> dict:
         schema = self.plan.schema
-        return {"backbone": schema["backbone"], "weights": self.plan.weights.weights_id,
+        return {"backbone": schema["backbone"], "weights": public_weights(self.plan.weights.weights_id),
+                "weights_sha256": self.plan.weights.sha256,
                 "image_size": self.image_size,
                 "categories": [{"category": c, "detectors": [
                     {"detector": m.detector.name, "threshold": m.threshold, "input_kind": m.detector.input_kind,
                      "produces_maps": m.detector.input_kind == "patches", "backbone": m.info["schema"]["backbone"],
-                     "weights": m.info.get("weights"), "fitted_at": _iso(m.info.get("saved_at")),
+                     "weights": public_weights(m.info.get("weights")), "fitted_at": _iso(m.info.get("saved_at")),
                      "version": m.version} for m in models]}
                     for c, models in sorted(self.model_set.models.items())]}
 
@@ -129,12 +221,7 @@ class ScoringService:
                                     f"served: {', '.join(known)}")
         want_map = (query.get("map") or "0").lower() in ("1", "true", "yes")
         started = time.perf_counter()
-        data = image_bytes(body, content_type, self.max_body_bytes)
-        try:
-            image = decode_image(data, self.image_size, self.limits, self.plan.extract.resize_to,
-                                 self.plan.extract.resize)
-        except DecodeError as exc:
-            raise ApiError(413 if "too large" in str(exc) else 400, str(exc)) from None
+        image = self.decoder(image_bytes(body, content_type, self.max_body_bytes))
         return Request(image, category, detectors, want_map, (time.perf_counter() - started) * 1000)
 
     def score(self, requests: Sequence[Request]) -> list[list[Scored]]:

@@ -7,6 +7,7 @@ and scores uint8 images through the one feature path (:func:`~mvtec_ray.features
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -16,12 +17,14 @@ import numpy as np
 from mvtec_ray.config import ExtractConfig, RunConfig
 from mvtec_ray.data.images import DecodeLimits
 from mvtec_ray.deploy.model_files import (
+    MANIFEST,
+    MODEL_FILE,
     SCHEMA_KEYS,
     StoredModel,
     check_schema,
-    list_models,
     load_model,
     read_model_info,
+    served_models,
 )
 from mvtec_ray.errors import ModelMismatch, UserError
 from mvtec_ray.features.backbone_specs import BACKBONES
@@ -33,7 +36,9 @@ from mvtec_ray.features.backbones import (
     prepare_for_device,
     resolve_weights,
 )
-from mvtec_ray.storage import Storage
+from mvtec_ray.storage import Storage, join, safe_join
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,19 +119,38 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
     Models are loaded one at a time: the caller never holds them all here.
     """
     from mvtec_ray.features.backbones import probe_feature_shapes
-    pairs = list_models(storage, models_uri)
+    served = served_models(storage, models_uri)
+    pairs, refused = served.pairs, served.refused
     if not pairs:
+        if refused:
+            raise ModelMismatch(f"no model under {models_uri} is served: {_refusals(refused)}; fix and refit")
         raise UserError(f"no fitted models under {models_uri} (run 'mvtec-ray fit' or 'run' first)")
-    wanted = list(detectors or sorted({d for _, d in pairs}))
+    wanted = list(detectors or sorted({d for _, d in pairs} | {d for _, d in refused}))
+    asked = {cell: why for cell, why in refused.items() if cell[1] in wanted and (not categories or cell[0] in categories)}
     pairs = [(c, d) for c, d in pairs if d in wanted]
     if not pairs:
+        if asked:
+            raise ModelMismatch(f"none of the detectors {wanted} is served under {models_uri}: {_refusals(asked)}")
         raise UserError(f"none of the detectors {wanted} has a fitted model under {models_uri}")
     if categories:
         missing = sorted(set(categories) - {c for c, _ in pairs})
         if missing:
+            failed = {cell: why for cell, why in asked.items() if cell[0] in missing}
+            if failed:
+                raise ModelMismatch(f"no model served for categories {missing}: {_refusals(failed)}")
             raise UserError(f"no model for categories {missing}; models exist for "
                             f"{', '.join(sorted({c for c, _ in pairs}))}")
         pairs = [(c, d) for c, d in pairs if c in categories]
+    if detectors and categories and asked:
+        # an explicit selection (export, serve --detectors --categories) names a cell that is not served
+        raise ModelMismatch(f"not served under {models_uri}: {_refusals(asked)}")
+    if asked:
+        log.warning("not served (listed as failed in %s/%s): %s", models_uri, MANIFEST, _refusals(asked))
+    if served.manifest:
+        for c, d in pairs:
+            if not storage.exists(join(safe_join(models_uri, f"{c}/{d}"), MODEL_FILE)):
+                raise ModelMismatch(f"{MANIFEST} under {models_uri} lists model {c}/{d}, but its folder has no "
+                                    f"{MODEL_FILE} (deleted or not copied); restore it or refit")
     shared = check_models(storage, models_uri, pairs, config)
     schema = shared["schema"]
     if "weights" in config.extract.model_fields_set:
@@ -152,8 +176,18 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
               **probe_feature_shapes(extract_cfg, weights)}
     versions = {}
     for c, d in pairs:
-        versions[f"{c}/{d}"] = load_model(storage, models_uri, c, d, expect=expect, probe=True).version
+        version = load_model(storage, models_uri, c, d, expect=expect, probe=True).version
+        listed = served.versions.get((c, d))
+        if listed is not None and version != listed:
+            raise ModelMismatch(f"model {c}/{d} on disk is version {version}, but {MANIFEST} lists {listed} (replaced "
+                                f"after the latest fit: a fit still running, or a copied folder); refit or restore it")
+        versions[f"{c}/{d}"] = version
     return ModelPlan(models_uri, pairs, schema, weights, extract_cfg, expect, versions)
+
+
+def _refusals(refused: dict[tuple[str, str], str], most: int = 5) -> str:
+    items = [f"{c}/{d}: {why}" for (c, d), why in sorted(refused.items())]
+    return "; ".join(items[:most]) + (f" (and {len(items) - most} more)" if len(items) > most else "")
 
 
 class Scored(NamedTuple):

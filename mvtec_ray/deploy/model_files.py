@@ -3,7 +3,14 @@
     MODELS/<category>/<detector>/model.json    threshold, feature schema, backbone identity, versions,
                                                sha256 of every detector file
     MODELS/<category>/<detector>/...           the detector's own files (JSON, npz, faiss, skops, state_dict)
-    MODELS/manifest.json                       every model with its version (written by fit)
+    MODELS/manifest.json                       the latest fit's models: (category, detector, status,
+                                               version, fingerprint) per cell (:func:`update_manifest`)
+
+What is served: exactly the cells the manifest lists with status ``ok`` (:func:`served_models`),
+each only as the version listed; a cell listed as failed is not served even when an older model
+of it is still on disk. A fit that covers fewer cells keeps the earlier manifest's other cells when
+they were fitted on the same features (see :func:`update_manifest` and docs/serving.md). A folder
+without a manifest (older runs, hand-copied folders) serves every model folder found, with a warning.
 
 Loading (:func:`load_model`) refuses, with :class:`ModelMismatch` and a one-line message, a model
 whose model.json is malformed or names another category/detector, whose files were changed after
@@ -135,6 +142,11 @@ def read_model_info(storage: Storage, models_uri: str, category: str, detector_n
     for name in files:
         if "/" in name or "\\" in name or name.startswith(".") or name == MODEL_FILE or not name:
             raise ModelMismatch(f"model {where}: refusing file name {name!r}")
+    hashes = info.get("file_sha256")
+    unhashed = [n for n in files if not isinstance(hashes, dict) or not isinstance(hashes.get(n), str)]
+    if unhashed:
+        raise ModelMismatch(f"model {where}: {MODEL_FILE} has no file_sha256 for {', '.join(unhashed[:3])}"
+                            f"{' ...' if len(unhashed) > 3 else ''}, so its files cannot be checked; refit")
     return info
 
 
@@ -193,14 +205,14 @@ def load_model(storage: Storage, models_uri: str, category: str, detector_name: 
     if expect:
         check_schema(info, expect, where)
     source = safe_join(models_uri, where)
-    hashes = info.get("file_sha256") or {}
+    hashes = info["file_sha256"]  # one per file (read_model_info)
     with tempfile.TemporaryDirectory() as tmp:
         for name in info["files"]:
             try:
                 data = storage.read_bytes(join(source, name))
             except FileNotFoundError:
                 raise ModelMismatch(f"model {where}: file {name} is missing") from None
-            if name in hashes and hashlib.sha256(data).hexdigest() != hashes[name]:
+            if hashlib.sha256(data).hexdigest() != hashes[name]:
                 raise ModelMismatch(f"model {where}: file {name} changed after the model was saved (sha256)")
             Path(tmp, name).write_bytes(data)
         try:
@@ -240,8 +252,8 @@ def _probe(detector: Detector, schema: dict, where: str) -> None:
         raise ModelMismatch(f"model {where} returned {scores.shape} scores for one input")
 
 
-def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
-    """(category, detector) pairs that have a saved model."""
+def model_folders(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
+    """(category, detector) pairs that have a model folder (a model.json), manifest or not."""
     pairs = []
     for info in storage.iter_files(models_uri):
         path = info.path.replace("\\", "/")
@@ -251,6 +263,69 @@ def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
+@dataclass
+class ServedModels:
+    """What a models folder serves: the ok cells of its manifest (or every folder without one)."""
+
+    pairs: list[tuple[str, str]]
+    #: (category, detector) -> why the manifest does not serve it (its latest fit failed)
+    refused: dict[tuple[str, str], str]
+    #: (category, detector) -> the version the manifest lists (empty without a manifest)
+    versions: dict[tuple[str, str], str]
+    #: whether the folder has a manifest
+    manifest: bool
+
+
+def read_manifest(storage: Storage, models_uri: str) -> dict | None:
+    """The manifest's entries by (category, detector), or None when the folder has none.
+
+    A malformed manifest is a one-line :class:`ModelMismatch` (it is never guessed around).
+    """
+    uri = join(models_uri, MANIFEST)
+    if not storage.exists(uri):
+        return None
+    raw = storage.read_bytes(uri)
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelMismatch(f"{uri} is not valid JSON ({exc}); refit, or remove it to serve every model "
+                            f"folder found") from None
+    entries = document.get("models") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise ModelMismatch(f"{uri} has no 'models' list; refit, or remove it to serve every model folder found")
+    cells: dict[tuple[str, str], dict] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry.get(k)
+                                                  for k in ("category", "detector", "status")):
+            raise ModelMismatch(f"{uri}: entry {str(entry)[:120]!r} needs category, detector and status")
+        cells[(entry["category"], entry["detector"])] = entry
+    return cells
+
+
+def served_models(storage: Storage, models_uri: str) -> ServedModels:
+    """The (category, detector) pairs ``score``, ``serve`` and ``export`` load (module docstring)."""
+    cells = read_manifest(storage, models_uri)
+    if cells is None:
+        pairs = model_folders(storage, models_uri)
+        if pairs and ("no-manifest", models_uri) not in _warned:
+            _warned.add(("no-manifest", models_uri))
+            log.warning("%s has no %s (an older run or a hand-copied folder): serving every model folder "
+                        "found (%d); a fit writes the manifest that says which are current",
+                        models_uri, MANIFEST, len(pairs))
+        return ServedModels(pairs, {}, {}, manifest=False)
+    pairs = sorted(cell for cell, entry in cells.items() if entry["status"] == "ok")
+    refused = {cell: f"its latest fit ended with status {entry['status']!r}"
+               + (f" ({' '.join(str(entry['error']).split())[:200]})" if entry.get("error") else "")
+               for cell, entry in sorted(cells.items()) if entry["status"] != "ok"}
+    versions = {cell: cells[cell]["version"] for cell in pairs if isinstance(cells[cell].get("version"), str)}
+    return ServedModels(pairs, refused, versions, manifest=True)
+
+
+def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
+    """(category, detector) pairs that are served (:func:`served_models`)."""
+    return served_models(storage, models_uri).pairs
+
+
 def check_compatible(model: StoredModel, feature_metadata: dict) -> None:
     """Refuse to score features that differ from those the model was fitted on."""
     check_schema(model.info, {k: feature_metadata.get(k, SCHEMA_DEFAULTS.get(k)) for k in SCHEMA_KEYS
@@ -258,6 +333,67 @@ def check_compatible(model: StoredModel, feature_metadata: dict) -> None:
                  f"{model.category}/{model.detector.name}")
 
 
-def write_manifest(storage: Storage, models_uri: str, entries: list[dict]) -> None:
+def write_manifest(storage: Storage, models_uri: str, entries: list[dict], fingerprint: str | None = None) -> None:
     storage.write_bytes(join(models_uri, MANIFEST), json.dumps(
-        {"models": entries, "written_at": time.time(), "local": not is_s3(models_uri)}, indent=2).encode())
+        {"format": FORMAT_VERSION, "models": entries, "fingerprint": fingerprint, "written_at": time.time(),
+         "local": not is_s3(models_uri)}, indent=2).encode())
+
+
+def update_manifest(storage: Storage, models_uri: str, fitted: list[dict], fingerprint: str | None) -> list[dict]:
+    """Write the manifest after a fit; return its entries.
+
+    ``fitted``: this fit's cells (category, detector, status[, error]). Each is listed as it ended;
+    an ok one with the version its model.json now holds (a model that cannot be read is listed as
+    an error). A failed cell is listed as failed, so an older model of it left on disk is not
+    served. Cells of the earlier manifest (or, without one, the model folders found) that this fit
+    did not cover are kept when their model is still the one listed and was fitted on the same
+    features (``fingerprint``); other earlier models are dropped from the manifest (a warning
+    names them; their folders stay on disk).
+    """
+    now = time.time()
+    entries: dict[tuple[str, str], dict] = {}
+    for cell in fitted:
+        key = (str(cell["category"]), str(cell["detector"]))
+        entry = {"category": key[0], "detector": key[1], "status": str(cell.get("status") or "error"),
+                 "fitted_at": now, "fingerprint": fingerprint}
+        if entry["status"] != "ok" and cell.get("error"):
+            entry["error"] = " ".join(str(cell["error"]).split())[:300]
+        if entry["status"] == "ok":
+            try:
+                entry["version"] = read_model_info(storage, models_uri, *key)["version"]
+            except UserError as exc:  # ModelMismatch included
+                entry.update(status="error", error=f"model not saved or unreadable: {exc}"[:300])
+        entries[key] = entry
+    try:
+        earlier = read_manifest(storage, models_uri)
+    except ModelMismatch as exc:
+        log.warning("ignoring the earlier manifest: %s", exc)
+        earlier = {}
+    if earlier is None:  # a folder from before manifests: its models as if listed ok
+        earlier = {pair: {"category": pair[0], "detector": pair[1], "status": "ok"}
+                   for pair in model_folders(storage, models_uri)}
+    dropped = []
+    for key, entry in sorted(earlier.items()):
+        if key in entries:
+            continue
+        if entry.get("status") != "ok":
+            entries[key] = entry  # still failed: listed, not served
+            continue
+        try:
+            info = read_model_info(storage, models_uri, *key)
+        except UserError:
+            dropped.append(f"{key[0]}/{key[1]} (model missing or unreadable)")
+            continue
+        if entry.get("version") not in (None, info["version"]):
+            dropped.append(f"{key[0]}/{key[1]} (its model was replaced since it was listed)")
+        elif fingerprint is not None and info.get("fingerprint") != fingerprint:
+            dropped.append(f"{key[0]}/{key[1]} (fitted on other features: {info.get('fingerprint')})")
+        else:
+            entries[key] = {**entry, "version": info["version"], "fingerprint": info.get("fingerprint"),
+                            "fitted_at": entry.get("fitted_at", info.get("saved_at"))}
+    if dropped:
+        log.warning("%d earlier model(s) under %s are no longer served: %s", len(dropped), models_uri,
+                    "; ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""))
+    listed = [entries[key] for key in sorted(entries)]
+    write_manifest(storage, models_uri, listed, fingerprint)
+    return listed

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from mvtec_ray.config import ExtractConfig
 from mvtec_ray.deploy.loaded_models import ModelSelection, ModelSet
-from mvtec_ray.deploy.score_index import input_key
+from mvtec_ray.deploy.score_index import error_keys, input_key
 from mvtec_ray.features.prepare import prepare_batch
 from mvtec_ray.features.store import shard_name, tensor_array
 from mvtec_ray.storage import Storage, join
@@ -34,10 +34,15 @@ class Scorer:
         self.scored_at = scored_at
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score each ok image with the detectors of its ``detectors`` column (comma-separated; all
+        of its category's when the column is absent or empty): only the models it lacks a score of."""
         images = batch.pop("image")
         ok = np.asarray(batch["status"]) == "ok"
         categories = np.asarray(batch["category"]).astype(str)
-        scored = self.model_set.score(images[ok], categories[ok], self.map_size) if ok.any() else []
+        wanted = None
+        if "detectors" in batch:
+            wanted = [str(d).split(",") if d else None for d in np.asarray(batch["detectors"])[ok]]
+        scored = self.model_set.score(images[ok], categories[ok], self.map_size, wanted) if ok.any() else []
         position = np.cumsum(ok) - 1
         out = {k: [] for k in SCORE_FIELDS + ["status", "error", "map", "first"]}
         for i in range(len(ok)):
@@ -69,10 +74,20 @@ class Scorer:
             out[key].append(value)
 
 
-def write_score_shards(batch: dict[str, np.ndarray], out_uri: str, storage: Storage) -> dict[str, np.ndarray]:
-    """Write the batch's shards; return only counts per category (nothing per image reaches the driver)."""
+def write_score_shards(batch: dict[str, np.ndarray], out_uri: str, storage: Storage,
+                       recorded_errors: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Write the batch's shards; return only counts per category (nothing per image reaches the driver).
+
+    An error whose (uri, version, error) key is in ``recorded_errors`` (the index's errors that are
+    still their file's latest outcome) is counted but not written again.
+    """
     status = np.asarray(batch["status"])
-    ok, bad = status == "ok", status != "ok"
+    ok, failed = status == "ok", status != "ok"
+    bad = failed.copy()
+    if recorded_errors is not None and len(recorded_errors) and failed.any():
+        keys = error_keys(np.asarray(batch["input_uri"])[failed], np.asarray(batch["input_version"])[failed],
+                          np.asarray(batch["error"])[failed])
+        bad[np.flatnonzero(failed)[np.isin(keys, recorded_errors)]] = False
     keys = [input_key(u, v) for u, v in zip(batch["input_uri"], batch["input_version"])]
     name = shard_name([f"{k}|{d}" for k, d in zip(keys, batch["detector"])])
     if ok.any():
@@ -89,7 +104,8 @@ def write_score_shards(batch: dict[str, np.ndarray], out_uri: str, storage: Stor
     return {"category": names.astype(object),
             "images": np.asarray([int((ok & first & (categories == c)).sum()) for c in names], np.int64),
             "rows": np.asarray([int((ok & (categories == c)).sum()) for c in names], np.int64),
-            "errors": np.asarray([int((bad & (categories == c)).sum()) for c in names], np.int64)}
+            "errors": np.asarray([int((failed & (categories == c)).sum()) for c in names], np.int64),
+            "known_errors": np.asarray([int((failed & ~bad & (categories == c)).sum()) for c in names], np.int64)}
 
 
 def _write_table(storage: Storage, uri: str, table: pa.Table) -> None:
@@ -105,6 +121,8 @@ def prepare_or_reject(batch: dict[str, np.ndarray], config: ExtractConfig, stora
     :func:`prepare_batch` adds.
     """
     n = len(batch["uri"])
+    if "detectors" not in batch:  # every model of the image's category
+        batch = {**batch, "detectors": np.full(n, "", dtype=object)}
     batch = {**batch, "image_id": batch["uri"], "split": np.full(n, "score", dtype=object),
              "label": np.zeros(n, np.int8), "defect_type": np.full(n, "", dtype=object),
              "mask_uri": np.full(n, "", dtype=object), "variants": np.full(n, "orig", dtype=object)}
@@ -112,17 +130,19 @@ def prepare_or_reject(batch: dict[str, np.ndarray], config: ExtractConfig, stora
     parts = []
     if (~rejected).any():
         good = prepare_batch({k: np.asarray(v)[~rejected] for k, v in batch.items()}, config, storage)
-        parts.append({k: good[k] for k in _SCORER_INPUT})
+        parts.append({**{k: good[k] for k in _SCORER_INPUT},
+                      "detectors": np.asarray(batch["detectors"], dtype=object)[~rejected]})
     if rejected.any():
         bad = np.flatnonzero(rejected)
         size = config.image_size
         parts.append({"source_uri": batch["uri"][bad], "source_version": batch["version"][bad],
                       "category": batch["category"][bad], "status": np.full(len(bad), "error", dtype=object),
                       "error": np.asarray(batch["problem"][bad], dtype=object),
-                      "image": np.zeros((len(bad), size, size, 3), np.uint8)})
+                      "image": np.zeros((len(bad), size, size, 3), np.uint8),
+                      "detectors": np.full(len(bad), "", dtype=object)})
     if len(parts) == 1:
         return parts[0]
-    return {k: np.concatenate([parts[0][k], parts[1][k]]) for k in _SCORER_INPUT}
+    return {k: np.concatenate([parts[0][k], parts[1][k]]) for k in (*_SCORER_INPUT, "detectors")}
 
 
 _SCORER_INPUT = ("source_uri", "source_version", "category", "status", "error", "image")

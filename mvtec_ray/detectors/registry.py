@@ -20,20 +20,35 @@ class DetectorInfo:
     input_kind: str  # "pooled" (one vector per image) or "patches" (a feature map per image)
     fit_cost: float  # relative fit + score time at MVTec size (benchmarks/fit.py); only the order matters
     module: str  # the module of mvtec_ray.detectors that defines and registers it
+    #: the keys of its ``default_params()`` (checked against the class by a test): the config
+    #: refuses an unknown parameter at load time without importing the detector's code
+    params: tuple[str, ...] = ()
 
 
+#: parameters every pooled detector takes (``PooledDetector.default_params``)
+_POOLED = ("preprocess", "pca_variance", "n_threads")
 #: the one table of built-in detectors, in the order of the default run: config defaults, the fit
 #: order (longest first) and the benchmarks read it
 BUILTIN: tuple[DetectorInfo, ...] = (
-    DetectorInfo("ocsvm", "pooled", 1.0, "sklearn_detectors"),
-    DetectorInfo("iforest", "pooled", 1.5, "sklearn_detectors"),
-    DetectorInfo("lof", "pooled", 0.5, "sklearn_detectors"),
-    DetectorInfo("elliptic", "pooled", 1.0, "sklearn_detectors"),
-    DetectorInfo("knn", "pooled", 0.2, "knn"),
-    DetectorInfo("autoencoder", "pooled", 20.0, "autoencoder"),
-    DetectorInfo("mahalanobis", "pooled", 3.0, "mahalanobis"),
-    DetectorInfo("padim", "patches", 100.0, "padim"),
-    DetectorInfo("patchcore", "patches", 200.0, "patch"),
+    DetectorInfo("ocsvm", "pooled", 1.0, "sklearn_detectors", _POOLED + ("nu", "gamma")),
+    DetectorInfo("iforest", "pooled", 1.5, "sklearn_detectors",
+                 _POOLED + ("n_estimators", "max_samples", "random_state")),
+    DetectorInfo("lof", "pooled", 0.5, "sklearn_detectors", _POOLED + ("n_neighbors",)),
+    DetectorInfo("elliptic", "pooled", 1.0, "sklearn_detectors",
+                 _POOLED + ("support_fraction", "contamination", "random_state", "max_dim")),
+    DetectorInfo("knn", "pooled", 0.2, "knn", _POOLED + ("k",)),
+    DetectorInfo("autoencoder", "pooled", 20.0, "autoencoder",
+                 _POOLED + ("hidden", "bottleneck", "lr", "batch_size", "max_epochs", "patience", "val_fraction",
+                            "seed")),
+    DetectorInfo("mahalanobis", "pooled", 3.0, "mahalanobis", _POOLED),
+    DetectorInfo("padim", "patches", 100.0, "padim",
+                 ("n_features", "seed", "eps", "shrinkage", "memory_budget_mb", "accumulator_budget_mb",
+                  "smoothing_sigma", "use_gpu")),
+    DetectorInfo("patchcore", "patches", 200.0, "patch",
+                 ("coreset_ratio", "projection_dim", "seed", "k", "reweight", "reweight_neighbors", "index",
+                  "ivf_min_bank", "nlist", "nprobe", "memory_budget_mb", "smoothing_sigma", "use_gpu",
+                  "coreset_threads", "coreset_shard_patches", "coreset_oversample", "coreset_ray_tasks",
+                  "coreset_task_gpus")),
 )
 BUILTIN_INPUT_KINDS: dict[str, str] = {d.name: d.input_kind for d in BUILTIN}
 
@@ -82,6 +97,24 @@ def load_detector(directory: str | Path) -> Detector:
 
 def available_detectors() -> list[str]:
     return sorted(set(BUILTIN_INPUT_KINDS) | set(REGISTRY))
+
+
+def check_params(params: dict[str, dict[str, Any]]) -> None:
+    """Refuse, with one ``ValueError`` line, a detector name or a parameter name no detector knows.
+
+    Built-in detectors are checked against :data:`BUILTIN` (their code is not imported: torch,
+    faiss, scikit-learn); a detector registered by other code against its class's ``default_params``.
+    Values are checked when the detector is built.
+    """
+    known = available_detectors()
+    for name, given in params.items():
+        if name not in known:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(known)}")
+        info = next((d for d in BUILTIN if d.name == name), None)
+        accepted = info.params if info is not None else tuple(REGISTRY[name].default_params())
+        unknown = sorted(set(given or {}) - set(accepted))
+        if unknown:
+            raise ValueError(f"{name}: unknown parameter(s) {unknown}; known: {', '.join(sorted(accepted))}")
 
 
 def _load_builtin() -> None:

@@ -32,8 +32,23 @@ from mvtec_ray.features.backbones import (
     probe_feature_shapes,
     resolve_weights,
 )
-from mvtec_ray.features.plan import expected_row_ids, plan_work
+from mvtec_ray.features.plan import (
+    Reuse,
+    expected_row_ids,
+    expected_rows,
+    known_splits_of,
+    plan_work,
+    reuse_stored_rows,
+)
 from mvtec_ray.features.prepare import prepare_batch
+from mvtec_ray.features.row_index import (
+    ROW_INDEX,
+    build_row_index,
+    catalog_identity,
+    check_error_budget,
+    read_row_index,
+    write_row_index,
+)
 from mvtec_ray.features.store import (
     EXTRACT_META,
     SUCCESS,
@@ -155,39 +170,43 @@ class ExtractionResult:
     counts: pd.DataFrame  # category, split, status -> rows
     errors: pd.DataFrame  # row_id, image_id, source_uri, category, split, error
     seconds: float
-    skipped_existing: int
+    skipped_existing: int  # rows reused from an earlier run (same source version, status ok)
     nodes: dict = field(default_factory=dict)  # Ray node id -> rows its extractor actors produced
-
-
-def _existing_rows(existing: FeatureSet) -> tuple[set[str], dict[str, str]]:
-    """Row ids already written, and each source image's split (synthetic rows count as val_good)."""
-    if not existing.shard_uris():
-        return set(), {}
-    table = existing.read(columns=["row_id", "image_id", "split"])
-    splits = {image_id: "val_good" if split == "val_synthetic" else split
-              for image_id, split in zip(table.column("image_id").to_pylist(), table.column("split").to_pylist())}
-    return set(table.column("row_id").to_pylist()), splits
+    retried_errors: int = 0  # error rows of an earlier run tried again
+    changed: int = 0  # rows extracted again because their source file changed
+    dropped: int = 0  # stored rows the catalog no longer has (never read again)
+    catalog: dict = field(default_factory=dict)  # the catalog the features now belong to
 
 
 def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, storage: Storage,
                    weights: ResolvedWeights | None = None, progress: list | None = None) -> ExtractionResult:
     """Extract every catalog image into ``features_root/<fingerprint>``; resumable.
 
-    ``progress``, when given, receives ``(seconds since start, rows)`` per finished batch.
+    A stored row is reused only when it was read from the catalog's current version of its source
+    and is ok (:func:`~mvtec_ray.features.plan.reuse_stored_rows`); error rows are tried again; the
+    row index written at the end lists exactly the rows of this catalog (``features/row_index.py``).
+    More errors than ``config.max_error_fraction`` in a (category, split) stop the run (UserError)
+    before anything is marked complete. ``progress``, when given, receives ``(seconds since start,
+    rows)`` per finished batch.
     """
     import ray
 
     started = time.perf_counter()
     weights = weights or resolve_weights(config.backbone, config.weights, storage)
     out_dir = join(features_root, config.fingerprint())
-    done, known_splits = _existing_rows(FeatureSet(out_dir, storage)) if storage.exists(out_dir) else (set(), {})
+    stored = FeatureSet(out_dir, storage).stored_rows() if storage.exists(out_dir) else None
+    known_splits = known_splits_of(stored, catalog.entries) if stored is not None else {}
+    expected = expected_rows(plan_work(catalog.entries, config, None, known_splits))
+    reuse = reuse_stored_rows(expected, stored) if stored is not None else Reuse()
+    done = set(reuse.shards)
     plan = plan_work(catalog.entries, config, done, known_splits)
     metadata = extraction_metadata(config, weights, probe_feature_shapes(config, weights))
     if len(plan) and storage.exists(join(out_dir, SUCCESS)):
-        storage.delete_file(join(out_dir, SUCCESS))  # the input grew: not complete until this run ends
+        storage.delete_file(join(out_dir, SUCCESS))  # rows to extract: not complete until this run ends
     storage.write_bytes(join(out_dir, EXTRACT_META), json.dumps(metadata, indent=2).encode())
     resources = cluster_plan(config)
-    log.info("extracting %d rows (%d already done) with %s", len(expected_row_ids(plan)), len(done), resources)
+    log.info("extracting %d rows (%d reused, %d errors retried, %d of changed files, %d no longer in the data) "
+             "with %s", len(expected_row_ids(plan)), len(done), reuse.retried, reuse.changed, reuse.dropped, resources)
 
     summaries = []
     if len(plan):
@@ -207,28 +226,36 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
         ds = apply_stages(ray.data.from_pandas(blocks), stages)
         shown = Progress("extract", len(expected_row_ids(plan)), "rows")
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            summaries.append(part.drop(columns=["file"]))
+            summaries.append(part)
             shown.update(len(part))
             if progress is not None:
                 progress.append((time.perf_counter() - started, len(part)))
         shown.close()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data stats:\n%s", ds.stats())  # per-operator time, backpressure
-    produced = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(
-        columns=["row_id", "image_id", "source_uri", "category", "split", "status", "error", NODE_COLUMN])
+    produced = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=SUMMARY_COLUMNS)
     nodes = {str(k): int(v) for k, v in produced[NODE_COLUMN].value_counts().items() if k} \
         if NODE_COLUMN in produced else {}
-    missing = set(expected_row_ids(plan)) - set(produced["row_id"])
-    if missing:
-        raise RuntimeError(f"extraction lost {len(missing)} rows (e.g. {sorted(missing)[:3]}); nothing marked complete")
-    full = FeatureSet(out_dir, storage).read(columns=["row_id", "image_id", "source_uri", "category", "split",
-                                                      "status", "error"]).to_pandas()
-    counts = full.groupby(["category", "split", "status"]).size().rename("rows").reset_index()
-    errors = full[full["status"] == "error"].reset_index(drop=True)
-    success = {"rows": int(len(full)), "errors": int(len(errors)), "fingerprint": config.fingerprint(),
-               "counts": counts.to_dict(orient="records"), "finished_at": time.time()}
+    index = build_row_index(expected, reuse.shards, produced)  # raises when a planned row was lost
+    # every error row is this run's (errors are never reused): the reasons come from its summaries
+    errors = produced[produced["status"] == "error"].drop_duplicates("row_id", keep="last")
+    errors = errors[errors["row_id"].isin(set(index["row_id"]))][
+        ["row_id", "image_id", "source_uri", "category", "split", "status", "error"]].reset_index(drop=True)
+    check_error_budget(index, errors, config.max_error_fraction)
+    counts = index.groupby(["category", "split", "status"]).size().rename("rows").reset_index()
+    identity = catalog_identity(catalog.root, catalog.entries)
+    previous = read_row_index(storage, out_dir)
+    if previous is None or previous[1] != identity or not previous[0].equals(index):
+        if storage.exists(join(out_dir, SUCCESS)):
+            storage.delete_file(join(out_dir, SUCCESS))  # never a _SUCCESS.json beside another run's index
+        write_row_index(storage, out_dir, index, identity)
+    success = {"rows": int(len(index)), "errors": int(len(errors)), "fingerprint": config.fingerprint(),
+               "counts": counts.to_dict(orient="records"), "catalog": identity, "row_index": ROW_INDEX,
+               "reused": len(done), "extracted": int(len(produced)), "retried_errors": reuse.retried,
+               "changed": reuse.changed, "dropped": reuse.dropped, "finished_at": time.time()}
     storage.write_bytes(join(out_dir, SUCCESS), json.dumps(success, indent=2).encode())
-    return ExtractionResult(out_dir, counts, errors, time.perf_counter() - started, len(done), nodes)
+    return ExtractionResult(out_dir, counts, errors, time.perf_counter() - started, len(done), nodes,
+                            reuse.retried, reuse.changed, reuse.dropped, identity)
 
 
 def _staged(config: ExtractConfig, storage: Storage, out_dir: str, metadata: dict, weights_ref,

@@ -15,7 +15,7 @@ import pandas as pd
 from mvtec_ray.config import RunConfig
 from mvtec_ray.data.catalog import Catalog
 from mvtec_ray.data.manifest import dataset_catalog
-from mvtec_ray.deploy.model_files import write_manifest
+from mvtec_ray.deploy.model_files import update_manifest
 from mvtec_ray.detectors.registry import fit_cost, input_kind
 from mvtec_ray.distributed.cluster import connect
 from mvtec_ray.distributed.fit import fit_task
@@ -85,15 +85,16 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
         log.debug("fitted %s/%s: %s", category, name, outcome.row.get("status"))
         outcomes.append(outcome)
     shown.close()
+    # what score/serve/export load: this fit's cells as they ended, plus still-valid earlier ones;
+    # written first, so nothing after it can leave the earlier manifest serving a failed cell's old model
+    update_manifest(storage, join(out_uri, "models"), [o.row for o in outcomes], metadata.get("fingerprint"))
     rows = pd.DataFrame([o.row for o in outcomes])
     if config.search.enabled:
         from mvtec_ray.fit.search import default_beside_tuned
         rows = default_beside_tuned(rows, {cell: _row_or_error(ref) for cell, ref in defaults.items()})
     results = summarise(rows)
-    scores = pd.concat([o.scores for o in outcomes if len(o.scores)], ignore_index=True) if outcomes else \
-        pd.DataFrame(columns=SCORE_COLUMNS)
-    write_manifest(storage, join(out_uri, "models"), [
-        {"category": o.row["category"], "detector": o.row["detector"], "status": o.row["status"]} for o in outcomes])
+    scored = [o.scores for o in outcomes if len(o.scores)]
+    scores = pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=SCORE_COLUMNS)
     return results, scores
 
 

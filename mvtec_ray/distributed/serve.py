@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 import time
@@ -22,11 +21,14 @@ from ray import serve
 from mvtec_ray.config import RunConfig, load_config
 from mvtec_ray.deploy.api import (
     MAX_BODY_BYTES,
-    TOKEN_ENV,
+    MAX_CONCURRENT_DECODES,
+    SERVE_MAX_IMAGE_PIXELS,
     ApiError,
     ScoringService,
     check_token,
-    token_digest,
+    read_body,
+    require_token_or_anonymous,
+    service_token_digest,
 )
 from mvtec_ray.errors import UserError
 
@@ -43,9 +45,17 @@ class ServeArgs(BaseModel):
     config: str | None = Field(None, description="YAML config (S3 endpoint, decode limits); flags win")
     categories: list[str] | None = None
     detectors: list[str] | None = None
-    #: sha256 of the bearer token; without it the replica reads MVTEC_RAY_TOKEN, else the API is open
-    token_sha256: str | None = None
-    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
+    token_sha256: str | None = Field(None, description="sha256 of the bearer token; without it each replica "
+                                     "reads MVTEC_RAY_TOKEN from its environment")
+    allow_anonymous: bool = Field(False, description="serve without a bearer token; without it (and without a "
+                                  "token) the application refuses to start instead of being open")
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, description="largest request body, bytes (413 over it, "
+                                "counted while the body streams in)")
+    max_image_pixels: int = Field(SERVE_MAX_IMAGE_PIXELS, ge=1, description="largest image decoded, pixels (413 "
+                                  "over it); the lower of this and the config's extract.max_image_pixels applies")
+    max_concurrent_decodes: int = Field(MAX_CONCURRENT_DECODES, ge=1, le=64, description="decodes one replica runs "
+                                        "at once (the rest wait): a replica's decode memory is this x "
+                                        "max_image_pixels x ~8 bytes")
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     min_replicas: int = Field(1, ge=0)
@@ -64,15 +74,19 @@ def _page() -> bytes:
 class ScoringDeployment:
     def __init__(self, models: str, config: RunConfig | None, categories: list[str] | None,
                  detectors: list[str] | None, token_sha256: str | None, max_body_bytes: int,
-                 max_batch_size: int, batch_wait_timeout_s: float, threads: int):
+                 max_batch_size: int, batch_wait_timeout_s: float, threads: int, allow_anonymous: bool = False,
+                 max_image_pixels: int = SERVE_MAX_IMAGE_PIXELS,
+                 max_concurrent_decodes: int = MAX_CONCURRENT_DECODES):
+        # this replica's own environment decides too: a node without the token never serves openly
+        self.token_sha256 = service_token_digest(token_sha256)
+        require_token_or_anonymous(self.token_sha256, allow_anonymous, "the scoring replica")
         import ray
         import torch
         torch.set_num_threads(threads)  # Ray pins a num_cpus=1 worker to one thread
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.service = ScoringService(models, config, categories, detectors, device=device,
-                                      max_body_bytes=max_body_bytes)
-        self.token_sha256 = token_sha256 or (token_digest(os.environ[TOKEN_ENV])
-                                             if os.environ.get(TOKEN_ENV) else None)
+                                      max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels,
+                                      max_concurrent_decodes=max_concurrent_decodes)
         self.page = _page()
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -100,11 +114,9 @@ class ScoringDeployment:
                 if method != "POST":
                     raise ApiError(405, "use POST with the image as the body or as multipart field 'file'")
                 check_token(request.headers.get("authorization"), self.token_sha256)
-                declared = int(request.headers.get("content-length") or 0)
-                if declared > self.service.max_body_bytes:
-                    raise ApiError(413, f"request body of {declared} bytes is over the limit of "
-                                        f"{self.service.max_body_bytes} bytes")
-                body = await request.body()
+                # streamed and counted: a chunked upload without Content-Length stops at the limit too
+                body = await read_body(request.stream(), self.service.max_body_bytes,
+                                       request.headers.get("content-length"))
                 item = await asyncio.get_running_loop().run_in_executor(
                     None, self.service.parse, dict(request.query_params), body, request.headers.get("content-type"))
                 scored, score_ms = await self.score_batch(item)
@@ -119,6 +131,9 @@ class ScoringDeployment:
 def build_app(args: ServeArgs, config: RunConfig | None = None):
     """The Serve application for ``args`` (``config`` overrides ``args.config``)."""
     import ray
+    # refused here, before anything is deployed, when neither a token nor allow_anonymous is given
+    require_token_or_anonymous(service_token_digest(args.token_sha256), args.allow_anonymous,
+                               "the mvtec-ray Serve application")
     if config is None:
         config = load_config(args.config) if args.config else RunConfig()
     gpus = args.num_gpus
@@ -131,7 +146,8 @@ def build_app(args: ServeArgs, config: RunConfig | None = None):
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": gpus})
     return deployment.bind(args.models, config, args.categories, args.detectors, args.token_sha256,
                            args.max_body_bytes, args.max_batch_size, args.batch_wait_timeout_s,
-                           max(1, int(args.num_cpus)))
+                           max(1, int(args.num_cpus)), args.allow_anonymous, args.max_image_pixels,
+                           args.max_concurrent_decodes)
 
 
 def app_builder(args: dict[str, Any]):
@@ -153,7 +169,7 @@ def run_service(args: ServeArgs, config: RunConfig, host: str, port: int) -> int
 
     from mvtec_ray.deploy.loaded_models import plan_models
     from mvtec_ray.distributed.cluster import connect
-    from mvtec_ray.storage import Storage
+    from mvtec_ray.storage import Storage, printable_text
     # every model checked here first: a bad folder is one line, not a replica crash loop
     plan_models(config, Storage(config.s3), args.models, args.detectors, args.categories)
     connect(config.ray)
@@ -164,7 +180,7 @@ def run_service(args: ServeArgs, config: RunConfig, host: str, port: int) -> int
             url = start(args, config, host, port)
         except RuntimeError as exc:
             raise UserError(f"the service did not start: {str(exc).splitlines()[0][:300]}") from None
-        print(f"serving {args.models} at {url} (Ctrl-C to stop)", flush=True)
+        print(printable_text(f"serving {args.models} at {url} (Ctrl-C to stop)"), flush=True)
         while not stop.wait(0.5):
             pass
         print("stopping", flush=True)

@@ -41,31 +41,55 @@ def _ragged(maps, masks) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks]))
 
 
-def _regions(maps, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Flat (scores, is_defect, region label) of every pixel and the number of regions: the
-    8-connected components of each mask (labels unique over all images, none across images)."""
-    from scipy import ndimage
-    if _is_ragged(maps):
-        _ragged(maps, masks)  # shape checks
-        values, defect, labels, total = [], [], [], 0
-        for a, m in zip(maps, masks):
-            m = np.asarray(m, dtype=bool)
-            lab, k = ndimage.label(m, structure=PRO_STRUCTURE_2D)
-            values.append(np.asarray(a, dtype=np.float32).ravel())
-            defect.append(m.ravel())
-            labels.append(np.where(lab > 0, lab + total, 0).ravel())
-            total += k
-        a = np.concatenate(values)
-        if np.isnan(a).any():
-            raise ValueError(f"maps contain {int(np.isnan(a).sum())} NaN value(s)")
-        return a, np.concatenate(defect), np.concatenate(labels), total
+def _flat(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel's score and defect flag, flattened once (checked as in :func:`maps_and_masks`)."""
     a, m = maps_and_masks(maps, masks)
-    # 3-D structure without links across images = per-image 8-connectivity,
-    # with labels unique over the whole stack
-    structure = np.zeros((3, 3, 3), dtype=int)
-    structure[1] = PRO_STRUCTURE_2D
-    regions, n_regions = ndimage.label(m, structure=structure)
-    return a.ravel(), m.ravel(), regions.ravel(), n_regions
+    return a.ravel(), m.ravel()
+
+
+def _defect_labels(masks) -> tuple[np.ndarray, int]:
+    """The region label of every defect pixel (in the order of ``a[m]`` of :func:`_flat`) and the
+    number of regions: the 8-connected components of each mask, labels unique over all images (no
+    region spans two images). ``masks``: the 2-D masks, a list or a stack, already checked."""
+    from scipy import ndimage
+    m = masks if _is_ragged(masks) else np.asarray(masks, dtype=bool)
+    if isinstance(m, np.ndarray) and m.ndim == 2:  # a single mask
+        m = m[None]
+    labels, total = [], 0
+    for mask in m:
+        mask = np.asarray(mask, dtype=bool)
+        lab, k = ndimage.label(mask, structure=PRO_STRUCTURE_2D)
+        labels.append(lab[mask] + total)
+        total += k
+    return (np.concatenate(labels) if labels else np.zeros(0, np.int64)), total
+
+
+def _auroc_sorted(neg: np.ndarray, pos: np.ndarray) -> tuple[float, np.ndarray]:
+    """The Mann-Whitney AUROC of sorted normal and defect scores, and for every defect score the
+    number of normal scores below it (what :func:`_f1_max_sorted` reuses)."""
+    below = np.searchsorted(neg, pos, side="left")  # sorted queries make searchsorted cache-friendly
+    if pos.size == 0 or neg.size == 0:
+        return float("nan"), below
+    n_below = below.sum(dtype=np.int64)
+    ties = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64) - n_below
+    return float((n_below + 0.5 * ties) / (pos.size * neg.size)), below
+
+
+def _f1_max_sorted(neg: np.ndarray, pos: np.ndarray, below: np.ndarray) -> float:
+    """The best F1 over the candidate thresholds (each distinct defect score), from sorted scores
+    and :func:`_auroc_sorted`'s ``below``."""
+    if pos.size == 0:
+        return float("nan")
+    first = np.r_[True, pos[1:] != pos[:-1]]  # the first of each run of equal defect scores
+    tp = pos.size - np.flatnonzero(first)
+    fp = neg.size - below[first]
+    return float(np.max(2 * tp / (tp + fp + pos.size)))
+
+
+def _f1_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
+    return {"pixel_precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "pixel_recall": tp / (tp + fn) if tp + fn else float("nan"),
+            "pixel_f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else float("nan")}
 
 
 def pixel_auroc(maps, masks) -> float:
@@ -77,14 +101,63 @@ def pixel_auroc(maps, masks) -> float:
     Downsampling, if wanted, is the caller's choice. ``maps`` / ``masks`` may also be lists of
     2-D arrays of different sizes (each map at its own mask's resolution).
     """
-    a, m = maps_and_masks(maps, masks)
-    neg = np.sort(a[~m], axis=None)
-    pos = np.sort(a[m], axis=None)  # sorted queries make searchsorted cache-friendly
-    if pos.size == 0 or neg.size == 0:
-        return float("nan")
-    below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
-    ties = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64) - below
-    return float((below + 0.5 * ties) / (pos.size * neg.size))
+    a, m = _flat(maps, masks)
+    neg, pos = np.sort(a[~m]), np.sort(a[m])
+    return _auroc_sorted(neg, pos)[0]
+
+
+def _thresholds_k(n_norm: int, fpr_limit: float, num_thresholds: int) -> np.ndarray:
+    """Which normal scores are thresholds: the k-th largest for each k (ascending)."""
+    targets = np.linspace(0.0, fpr_limit, num_thresholds)
+    return np.clip(np.ceil(targets * n_norm).astype(np.int64), 1, n_norm)  # k-th largest: FPR >= target
+
+
+def _normal_tail(normal: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(top, rest)``: the ``k`` highest normal scores sorted ascending, and the others (each at
+    most ``top[0]``) unsorted: a partition, not a sort, of the pixels below the FPR limit."""
+    n = normal.size
+    if k >= n:
+        return np.sort(normal), normal[:0]
+    part = np.partition(normal, n - k)
+    top = part[n - k:]
+    top.sort()
+    return top, part[:n - k]
+
+
+def _pro_curve_sorted(defect_values: np.ndarray, defect_labels: np.ndarray, n_regions: int,
+                      top: np.ndarray, rest: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve from the normal scores' sorted top (see :func:`_normal_tail`; a fully sorted
+    array with ``rest`` empty will do) and the defect pixels' scores and region labels.
+
+    One pass bins every defect pixel into the threshold grid; the regions' weighted histogram,
+    summed from the top, gives the mean overlap at every threshold, and the sorted normal scores
+    give the FPR at every threshold (no labelling or thresholding pass per threshold)."""
+    n_norm = top.size + rest.size
+    picked = top[top.size - k]  # k-th largest normal score
+    lowest = min(rest.min() if rest.size else top[0], defect_values.min())
+    cand = np.concatenate([picked, np.nextafter(picked, np.inf),
+                           [max(top[-1], defect_values.max()), lowest, np.nextafter(top[-1], np.inf)]])
+    thr = np.unique(cand)  # ascending
+
+    # FPR(t) = #normal >= t / n_norm; ``rest`` (all <= top[0]) counts only for t <= top[0]
+    count = top.size - np.searchsorted(top, thr, side="left")
+    if rest.size:
+        for j in np.flatnonzero(thr <= top[0]):
+            count[j] += np.count_nonzero(rest >= thr[j])
+    fpr = count / n_norm
+
+    # PRO(t) = (1/R) * sum over region pixels >= t of 1/|region|, via a
+    # weighted histogram over threshold bins (no region x threshold matrix)
+    sizes = np.bincount(defect_labels)
+    weights = 1.0 / sizes[defect_labels]
+    bins = np.searchsorted(thr, defect_values, side="right")  # = #thresholds <= value
+    hist = np.bincount(bins, weights=weights, minlength=thr.size + 1)
+    # pixel counts for threshold j iff bins > j
+    pro = np.cumsum(hist[::-1])[::-1][1:] / n_regions
+    pro = np.minimum(pro, 1.0)  # float summation noise
+
+    # thresholds descending -> FPR and PRO ascending
+    return np.r_[0.0, fpr[::-1]], np.r_[0.0, pro[::-1]]
 
 
 def pro_curve(maps, masks, fpr_limit: float = 0.3,
@@ -106,56 +179,24 @@ def pro_curve(maps, masks, fpr_limit: float = 0.3,
     in expectation). The curve starts at ``(0, 0)``. Returns empty arrays when
     there are no regions or no normal pixels. Maps and masks: ``(n, h, w)``, or lists of 2-D
     arrays of different sizes.
+
+    Cost: one labelling of the masks, one histogram of the defect pixels over the threshold
+    grid, and a partition (not a sort) of the normal pixels: only the ``fpr_limit`` share with
+    the highest scores is sorted.
     """
     if num_thresholds < 2:
         raise ValueError("num_thresholds must be >= 2")
-    a, m, regions, n_regions = _regions(maps, masks)
-    normal = np.sort(a[~m], axis=None)
-    if n_regions == 0 or normal.size == 0:
+    a, m = _flat(maps, masks)
+    labels, n_regions = _defect_labels(masks)
+    n_norm = a.size - labels.size
+    if n_regions == 0 or n_norm == 0:
         return np.empty(0), np.empty(0)
-
-    n_norm = normal.size
-    targets = np.linspace(0.0, fpr_limit, num_thresholds)
-    k = np.clip(np.ceil(targets * n_norm).astype(np.int64), 1, n_norm)
-    picked = normal[n_norm - k]  # k-th largest normal score: FPR >= target
-    cand = np.concatenate([picked, np.nextafter(picked, np.inf),
-                           [a.max(), a.min(), np.nextafter(normal[-1], np.inf)]])
-    thr = np.unique(cand)  # ascending
-
-    # FPR(t) = #normal >= t / n_norm
-    fpr = (n_norm - np.searchsorted(normal, thr, side="left")) / n_norm
-
-    # PRO(t) = (1/R) * sum over region pixels >= t of 1/|region|, via a
-    # weighted histogram over threshold bins (no region x threshold matrix)
-    lab = regions[m]
-    vals = a[m]
-    sizes = np.bincount(lab)
-    weights = 1.0 / sizes[lab]
-    bins = np.searchsorted(thr, vals, side="right")  # = #thresholds <= value
-    hist = np.bincount(bins, weights=weights, minlength=thr.size + 1)
-    # pixel counts for threshold j iff bins > j
-    pro = np.cumsum(hist[::-1])[::-1][1:] / n_regions
-    pro = np.minimum(pro, 1.0)  # float summation noise
-
-    # thresholds descending -> FPR and PRO ascending
-    fpr = np.r_[0.0, fpr[::-1]]
-    pro = np.r_[0.0, pro[::-1]]
-    return fpr, pro
+    k = _thresholds_k(n_norm, fpr_limit, num_thresholds)
+    top, rest = _normal_tail(a[~m], int(k[-1]))
+    return _pro_curve_sorted(a[m], labels, n_regions, top, rest, k)
 
 
-def pro_score(maps, masks, fpr_limit: float = 0.3, num_thresholds: int = 200) -> float:
-    """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD AU-PRO).
-
-    See :func:`pro_curve` for the curve. The curve is cut at exactly
-    ``fpr_limit`` (linear interpolation), integrated with the trapezoid rule
-    and divided by ``fpr_limit``: a perfect map scores 1.0, a random map about
-    ``fpr_limit / 2`` and a constant map exactly ``fpr_limit / 2``. NaN when the
-    masks hold no anomalous region or no normal pixel. Memory is a few copies
-    of the pixel scores (fine for ~100 maps of 256x256).
-    """
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    fpr, pro = pro_curve(maps, masks, fpr_limit, num_thresholds)
+def _pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
     if fpr.size == 0:
         return float("nan")
     inside = fpr <= fpr_limit
@@ -169,17 +210,64 @@ def pro_score(maps, masks, fpr_limit: float = 0.3, num_thresholds: int = 200) ->
     return float(np.trapezoid(y, x) / fpr_limit)
 
 
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+
+
+def pro_score(maps, masks, fpr_limit: float = 0.3, num_thresholds: int = 200) -> float:
+    """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD AU-PRO).
+
+    See :func:`pro_curve` for the curve. The curve is cut at exactly
+    ``fpr_limit`` (linear interpolation), integrated with the trapezoid rule
+    and divided by ``fpr_limit``: a perfect map scores 1.0, a random map about
+    ``fpr_limit / 2`` and a constant map exactly ``fpr_limit / 2``. NaN when the
+    masks hold no anomalous region or no normal pixel. Memory is a few copies
+    of the pixel scores.
+    """
+    _check_fpr_limit(fpr_limit)
+    return _pro_area(*pro_curve(maps, masks, fpr_limit, num_thresholds), fpr_limit)
+
+
+def evaluate_pixels(maps, masks, threshold: float | None = None, fpr_limit: float = 0.3,
+                    num_thresholds: int = 200) -> dict[str, float]:
+    """``pixel_auroc``, ``pixel_pro`` and ``pixel_f1_max`` (and, with ``threshold``,
+    ``pixel_precision`` / ``pixel_recall`` / ``pixel_f1``) of one set of maps, each equal to its own
+    function's value, from one flattening and one sort of the normal and of the defect scores:
+    the AUROC's sorted scores give the F1-max's counts, the PRO curve's thresholds and FPRs, and
+    the F1 at ``threshold`` (calling the four functions flattens four times and sorts the normal
+    pixels three times)."""
+    _check_fpr_limit(fpr_limit)
+    if num_thresholds < 2:
+        raise ValueError("num_thresholds must be >= 2")
+    a, m = _flat(maps, masks)
+    neg = a[~m]
+    neg.sort()
+    pos = a[m]
+    pos.sort()
+    auroc, below = _auroc_sorted(neg, pos)
+    row = {"pixel_auroc": auroc, "pixel_pro": float("nan"), "pixel_f1_max": _f1_max_sorted(neg, pos, below)}
+    labels, n_regions = _defect_labels(masks)
+    if n_regions and neg.size:
+        k = _thresholds_k(neg.size, fpr_limit, num_thresholds)
+        curve = _pro_curve_sorted(a[m], labels, n_regions, neg, neg[:0], k)
+        row["pixel_pro"] = _pro_area(*curve, fpr_limit)
+    if threshold is not None:
+        t = neg.dtype.type(threshold)  # as ``map >= threshold`` compares
+        tp = pos.size - int(np.searchsorted(pos, t, side="left"))
+        fp = neg.size - int(np.searchsorted(neg, t, side="left"))
+        row.update(_f1_counts(tp, fp, pos.size - tp))
+    return row
+
+
 def pixel_f1(maps, masks, threshold: float) -> dict[str, float]:
     """Pixel precision, recall and F1 over all pixels of all maps at ``threshold``
     (a pixel is flagged iff ``map >= threshold``); a 0/0 ratio is NaN."""
-    a, m = maps_and_masks(maps, masks)
+    a, m = _flat(maps, masks)
     pred = a >= float(threshold)
     tp = int(np.count_nonzero(pred & m))
     fp = int(np.count_nonzero(pred & ~m))
-    fn = int(np.count_nonzero(m)) - tp
-    return {"pixel_precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "pixel_recall": tp / (tp + fn) if tp + fn else float("nan"),
-            "pixel_f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else float("nan")}
+    return _f1_counts(tp, fp, int(np.count_nonzero(m)) - tp)
 
 
 def pixel_f1_max(maps, masks) -> float:
@@ -187,12 +275,9 @@ def pixel_f1_max(maps, masks) -> float:
     anomalib's F1-max tuned on the test set; NaN without defect pixels. Exact: candidate
     thresholds are the defect pixels' scores, counted against two sorted arrays (no sort of
     every pixel with its label)."""
-    a, m = maps_and_masks(maps, masks)
-    pos = np.sort(a[m], axis=None)
+    a, m = _flat(maps, masks)
+    pos = np.sort(a[m])
     if pos.size == 0:
         return float("nan")
-    neg = np.sort(a[~m], axis=None)
-    candidates = np.unique(pos)
-    tp = pos.size - np.searchsorted(pos, candidates, side="left")
-    fp = neg.size - np.searchsorted(neg, candidates, side="left")
-    return float(np.max(2 * tp / (tp + fp + pos.size)))
+    neg = np.sort(a[~m])
+    return _f1_max_sorted(neg, pos, np.searchsorted(neg, pos, side="left"))

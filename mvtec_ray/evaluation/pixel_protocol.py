@@ -23,8 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mvtec_ray.data.images import content_box, crop_box, decode_mask, decode_mask_png
+from mvtec_ray.errors import StorageUnavailable
 from mvtec_ray.evaluation.maps import resize_map
 from mvtec_ray.storage import Storage
+
+
+class MaskUnreadable(ValueError):
+    """One image's ground-truth mask cannot be read (that image is left out, not the whole cell)."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,10 @@ class PixelProtocol:
         if mask_uri:
             try:
                 mask = decode_mask(storage.read_bytes(mask_uri), None)
-            except Exception as exc:  # noqa: BLE001 - named, one line, in the error cell
-                raise ValueError(f"cannot read the ground-truth mask {mask_uri} for the full-resolution "
+            except StorageUnavailable as exc:  # storage down, not a bad file: the cell fails, named
+                raise ValueError(f"cannot read the ground-truth mask {mask_uri}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - named, one line, in the cell's problems
+                raise MaskUnreadable(f"cannot read the ground-truth mask {mask_uri} for the full-resolution "
                                  f"pixel evaluation ({type(exc).__name__}: {exc}); "
                                  f"or set evaluation.pixel_eval: reduced") from None
             height, width = mask.shape
@@ -74,10 +81,22 @@ class PixelProtocol:
     def maps(self, detector, patch_scores: np.ndarray, shapes: list[tuple[int, int]],
              source_hws) -> list[np.ndarray]:
         """The maps of one batch, each at its ground truth's ``shape`` (see :meth:`ground_truth`)."""
-        if self.resize != "pad":
-            return maps_at(detector, patch_scores, shapes, self.input_size)
-        square = detector.maps_from_patch_scores(patch_scores, (self.input_size,) * 2, self.input_size)
-        return [resize_map(self._content(m, hw), shape) for m, hw, shape in zip(square, source_hws, shapes)]
+        return self.at_truth(self.input_maps(detector, patch_scores), shapes, source_hws)
+
+    def input_maps(self, detector, patch_scores: np.ndarray) -> np.ndarray:
+        """The smoothed maps of one batch at the model's input size, ``(n, s, s)``: upsampled and
+        blurred once per image; :meth:`at_truth` and :meth:`at_size` only resize them (what
+        ``maps_from_patch_scores`` at any other size would do after the same blur)."""
+        return detector.maps_from_patch_scores(patch_scores, (self.input_size,) * 2, self.input_size)
+
+    def at_truth(self, input_maps: np.ndarray, shapes: list[tuple[int, int]], source_hws) -> list[np.ndarray]:
+        """:meth:`input_maps` at each ground truth's ``shape``, padding removed first."""
+        return [resize_map(self._content(m, hw), shape) for m, hw, shape in zip(input_maps, source_hws, shapes)]
+
+    @staticmethod
+    def at_size(input_maps: np.ndarray, size: int) -> list[np.ndarray]:
+        """:meth:`input_maps` as ``size`` squares (the saved maps; padding kept)."""
+        return [resize_map(m, (size, size)) for m in input_maps]
 
     def input_frame(self, maps: np.ndarray, masks: list[np.ndarray], source_hws) -> tuple[list, list]:
         """Validation maps and masks at the input size, as lists of 2-D arrays, padding removed."""

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+#: the ``category`` of the mean rows; a name the category rule refuses
+#: (:func:`mvtec_ray.data.catalog.check_category_name`), so a real category never collides with it
+MEAN_ROW = "mean"
+
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """Append one ``category == "mean"`` row per detector.
@@ -19,7 +23,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     for col in ("category", "detector"):
         if col not in rows.columns:
             raise ValueError(f"summarise needs a {col!r} column; got {list(rows.columns)}")
-    base = rows[rows["category"] != "mean"].reset_index(drop=True)
+    base = rows[rows["category"] != MEAN_ROW].reset_index(drop=True)
     if base.empty:
         return base.copy()
     numeric = [c for c in base.columns
@@ -40,7 +44,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
             else:
                 uniq = pool[c].dropna().unique()
                 row[c] = uniq[0] if len(uniq) == 1 else None
-        row["category"], row["detector"] = "mean", detector
+        row["category"], row["detector"] = MEAN_ROW, detector
         if has_status:
             row["status"] = ("ok" if len(ok) == len(grp) else
                              "no_ok_rows" if len(ok) == 0 else
@@ -49,7 +53,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
 
     out = pd.concat([base, pd.DataFrame(mean_rows, columns=base.columns)],
                     ignore_index=True)
-    is_mean = out["category"] == "mean"
+    is_mean = out["category"] == MEAN_ROW
     order = (out.assign(_mean=is_mean.astype(int), _cat=out["category"].astype(str),
                         _det=out["detector"].astype(str))
              .sort_values(["_det", "_mean", "_cat"], kind="stable").index)

@@ -13,9 +13,10 @@ from mvtec_ray.data.images import (
     decode_mask,
     encode_mask_png,
     image_dimensions,
+    read_image_file,
 )
 from mvtec_ray.data.synthetic import make_synthetic_anomaly, row_rng
-from mvtec_ray.errors import StorageUnavailable
+from mvtec_ray.errors import StorageAccessDenied, StorageUnavailable
 from mvtec_ray.storage import Storage
 
 
@@ -49,18 +50,22 @@ def prepare_batch(batch: dict[str, np.ndarray], config: ExtractConfig, storage: 
         base_split, label = str(batch["split"][i]), int(batch["label"][i])
         image, mask, error, source_hw = None, None, "", (0, 0)
         try:
-            data = storage.read_bytes(uri)
+            listed = int(batch["size_bytes"][i]) if "size_bytes" in batch else -1
+            data = read_image_file(storage, uri, config.max_file_bytes, listed if listed >= 0 else None)
             image = decode_image(data, size, limits, config.resize_to, config.resize)
             source_hw = image_dimensions(data, limits)
             if label == 1 and batch["mask_uri"][i]:
-                mask = decode_mask(storage.read_bytes(str(batch["mask_uri"][i])), size, resize_to=config.resize_to,
-                                   resize=config.resize)
+                mask_data = read_image_file(storage, str(batch["mask_uri"][i]), config.max_file_bytes, what="mask")
+                mask = decode_mask(mask_data, size, resize_to=config.resize_to, resize=config.resize,
+                                   image_hw=source_hw)
         except DecodeError as exc:
             error = str(exc)
         except FileNotFoundError:
             error = "file disappeared before it could be read"
-        except StorageUnavailable:
-            raise  # storage down, not a bad image: fail the run (resumable) rather than record an error row
+        except (StorageUnavailable, StorageAccessDenied):
+            # storage down or credentials refused (403, expired token), not a bad image: fail the run
+            # (resumable) rather than record an error row per image
+            raise
         except Exception as exc:  # noqa: BLE001 - recorded per row, the run goes on
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         for variant in variants:

@@ -3,15 +3,21 @@
 Layout under a features root (local or s3://)::
 
     FEATURES/<fingerprint>/_extract.json          run metadata (backbone, weights, sizes, versions)
-    FEATURES/<fingerprint>/_SUCCESS.json          written last: counts; absent = incomplete
+    FEATURES/<fingerprint>/_SUCCESS.json          written last: counts, the catalog; absent = incomplete
+    FEATURES/<fingerprint>/_rows.arrow            written just before it: the row index (row_index.py)
     FEATURES/<fingerprint>/<category>/<split>/part-<hash>.parquet
 
 ``<fingerprint>`` hashes the extraction settings, so a changed config never mixes with old
-shards. Every input row is in exactly one shard, as ``status == "ok"`` with features or as
-``status == "error"`` with a reason and null features. Should a row_id still appear twice (e.g. a
-shard rewritten under another name by an interrupted run), every reader counts it once: the first
-occurrence in shard path order within its category (:meth:`FeatureSet.read` and
-:meth:`FeatureSet.iter_patches` agree on it).
+shards. Every row a run produces is in a shard, as ``status == "ok"`` with features or as
+``status == "error"`` with a reason and null features. A re-run into the same folder adds shards
+(errors retried, rows of changed files extracted again) and never rewrites the shard of a row it
+reuses, so a row_id may be stored more than once; the row index ``_rows.arrow`` names, for every row the
+catalog of the latest run expects, the one shard holding its latest outcome, and every reader
+(:meth:`FeatureSet.read`, :meth:`FeatureSet.iter_patches` and what is built on them) reads exactly
+those (row_id, shard) pairs. Without an index (features written before it), every reader counts a
+row_id once: its first occurrence in shard path order within its category. Opening a complete
+folder checks ``_SUCCESS.json``'s row count against the shards; a shard that cannot be parsed is
+one line naming it.
 
 Row schema (one row per image variant):
 
@@ -46,17 +52,21 @@ import io
 import json
 import posixpath
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mvtec_ray.config import ExtractConfig
+from mvtec_ray.data.catalog import check_category_name
 from mvtec_ray.errors import UserError
 from mvtec_ray.features.backbone_specs import BACKBONES
-from mvtec_ray.storage import Storage, join
+from mvtec_ray.features.row_index import ROW_INDEX, read_row_index
+from mvtec_ray.storage import Storage, join, safe_join
 from mvtec_ray.versions import FEATURE_PACKAGES, package_versions
 
 if TYPE_CHECKING:  # torch: only an extracting process imports it
@@ -129,12 +139,13 @@ def write_shards(batch: dict[str, np.ndarray], root: str, storage: Storage, meta
     categories, splits = np.asarray(batch["category"]), np.asarray(batch["split"])
     files = np.empty(len(categories), dtype=object)
     for category in np.unique(categories):
+        check_category_name(str(category), "feature shard")
         for split in np.unique(splits[categories == category]):
             index = np.flatnonzero((categories == category) & (splits == split))
             part = {key: np.asarray(value)[index] for key, value in batch.items()}
             table = build_table(part, metadata)
             name = shard_name(list(part["row_id"]))
-            uri = join(root, str(category), str(split), name)
+            uri = safe_join(root, posixpath.join(str(category), str(split), name))
             sink = io.BytesIO()
             write_parquet(table, sink)
             storage.write_bytes(uri, sink.getvalue())
@@ -152,6 +163,14 @@ class FeatureSet:
     storage: Storage
     #: per shard URI, which of its rows are the first occurrence of their row_id; None = all of them
     _first_rows: dict = field(default_factory=dict, repr=False, compare=False)
+    #: the row index once read: "rows" (DataFrame or None), "catalog", "by_shard" (URI -> its row_ids)
+    _index: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "storage": self.storage}  # caches are rebuilt where a copy reads
+
+    def __setstate__(self, state: dict) -> None:
+        self.root, self.storage, self._first_rows, self._index = state["root"], state["storage"], {}, {}
 
     @classmethod
     def open(cls, features: str, storage: Storage | None = None, require_complete: bool = True) -> FeatureSet:
@@ -170,7 +189,68 @@ class FeatureSet:
             fs = cls(join(features, candidates[0]), storage)
         if require_complete and not fs.complete:
             raise UserError(f"extraction at {fs.root} is incomplete (no {SUCCESS}); run extract again to finish it")
+        if require_complete:
+            fs.check_counts()
         return fs
+
+    def row_index(self) -> pd.DataFrame | None:
+        """The row index (:mod:`~mvtec_ray.features.row_index`); None for a folder written before it."""
+        if "rows" not in self._index:
+            found = read_row_index(self.storage, self.root)
+            self._index["rows"], self._index["catalog"] = found if found is not None else (None, {})
+            if found is not None:
+                rows = found[0]
+                self._index["by_shard"] = {self._shard_uri(shard): set(group) for shard, group in
+                                           rows.groupby("shard", sort=False)["row_id"]}
+        return self._index["rows"]
+
+    def catalog(self) -> dict:
+        """The catalog the latest extraction read (root, images, digest); {} without a row index."""
+        self.row_index()
+        return self._index["catalog"]
+
+    def _shard_uri(self, shard: str) -> str:
+        return safe_join(self.root, shard)
+
+    def check_counts(self) -> None:
+        """``_SUCCESS.json``'s row count against the shards: one line when they disagree (a shard
+        deleted or replaced after the extraction finished, a ``_SUCCESS.json`` of another run)."""
+        recorded = self.success().get("rows")
+        if recorded is None:
+            return
+        index = self.row_index()
+        problems = []
+        if index is None:
+            ids: set[str] = set()
+            for found in _parallel(self._row_ids_of, self._listed_shard_uris()):
+                ids.update(found)
+            if len(ids) != recorded:
+                problems.append(f"the shards hold {len(ids)}")
+        else:
+            if len(index) != recorded:
+                problems.append(f"{ROW_INDEX} lists {len(index)}")
+            by_shard = self._index["by_shard"]
+            uris = sorted(by_shard)
+            for uri, rows in zip(uris, _parallel(self._num_rows_or_none, uris)):
+                if rows is None:
+                    problems.append(f"{uri} is missing")
+                elif rows < len(by_shard[uri]):
+                    problems.append(f"{uri} holds {rows} of its {len(by_shard[uri])} rows")
+        if problems:
+            more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+            raise UserError(f"features at {self.root} do not match {SUCCESS}, which records {recorded} rows: "
+                            f"{'; '.join(problems[:2])}{more}; run extract again")
+
+    def _num_rows_or_none(self, uri: str) -> int | None:
+        fs, path = self.storage.resolve(uri)
+
+        def read() -> int:
+            with fs.open_input_file(path) as handle:  # the footer only
+                return _parsed(uri, lambda: pq.ParquetFile(handle).metadata.num_rows)
+        try:
+            return self.storage.retry(f"cannot read {uri}", read)
+        except FileNotFoundError:
+            return None
 
     @property
     def complete(self) -> bool:
@@ -183,13 +263,33 @@ class FeatureSet:
         return json.loads(self.storage.read_bytes(join(self.root, SUCCESS)))
 
     def categories(self) -> list[str]:
-        return sorted(info.base_name for info in self.storage.list(self.root)
-                      if info.type.name == "Directory" and not info.base_name.startswith("_"))
+        """The categories of the row index; without one, the category folders. Names starting with
+        ``_`` are the store's own (the category rule,
+        :func:`~mvtec_ray.data.catalog.check_category_name`, refuses them as categories); any other
+        name the rule refuses (e.g. ``mean`` in an extraction made before the rule) fails in one line."""
+        index = self.row_index()
+        if index is not None:
+            names = list(index["category"].unique())
+        else:
+            names = [info.base_name for info in self.storage.list(self.root)
+                     if info.type.name == "Directory" and not info.base_name.startswith("_")]
+        return sorted(check_category_name(name, f"features {self.root}") for name in names)
 
     def shard_uris(self, category: str | None = None, split: str | None = None) -> list[str]:
-        base = self.root if category is None else join(self.root, category)
+        """The shards the readers read in the scope: those the row index names, else every shard."""
+        index = self.row_index()
+        if index is None:
+            return self._listed_shard_uris(category, split)
+        scope = index["category"] == check_category_name(category, "features") if category is not None else None
         if split is not None:
-            base = join(base, split)
+            scope = (index["split"] == split) & (scope if scope is not None else True)
+        shards = index["shard"] if scope is None else index.loc[scope, "shard"]
+        return sorted({self._shard_uri(shard) for shard in shards})
+
+    def _listed_shard_uris(self, category: str | None = None, split: str | None = None) -> list[str]:
+        base = self.root if category is None else safe_join(self.root, check_category_name(category, "features"))
+        if split is not None:
+            base = safe_join(base, split)
         return sorted(self.storage.uri_of(self.root, info.path) for info in self.storage.iter_files(base)
                       if info.base_name.endswith(".parquet"))
 
@@ -202,12 +302,23 @@ class FeatureSet:
         return pa.concat_tables(tables)
 
     def _read_shard(self, uri: str, columns: list[str] | None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.storage.read_bytes(uri)), columns=columns)
+        data = self.storage.read_bytes(uri)
+        return _parsed(uri, lambda: pq.read_table(io.BytesIO(data), columns=columns), in_memory=True)
 
     def _read_unique(self, uri: str, columns: list[str] | None) -> pa.Table:
-        table = self._read_shard(uri, columns)
-        keep = self._first_rows_of(uri)
-        return table if keep is None else table.filter(pa.array(keep))
+        if self.row_index() is None:
+            table = self._read_shard(uri, columns)
+            keep = self._first_rows_of(uri)
+            return table if keep is None else table.filter(pa.array(keep))
+        wanted = self._index["by_shard"].get(uri, set())
+        table = self._read_shard(uri, None if columns is None else list(dict.fromkeys([*columns, "row_id"])))
+        ids = table.column("row_id").to_pylist()
+        keep = np.fromiter((i in wanted for i in ids), dtype=bool, count=len(ids))
+        if len(set(np.asarray(ids, dtype=object)[keep])) != len(wanted):
+            raise UserError(f"feature shard {uri} lacks rows the row index ({ROW_INDEX}) lists; run extract again")
+        if not keep.all():
+            table = table.filter(pa.array(keep))
+        return table if columns is None or "row_id" in columns else table.drop_columns(["row_id"])
 
     def _first_rows_of(self, uri: str) -> np.ndarray | None:
         """Which rows of the shard at ``uri`` are the first occurrence of their row_id in its category;
@@ -215,7 +326,7 @@ class FeatureSet:
         if uri not in self._first_rows:
             category = uri.replace("\\", "/").split("/")[-3]  # <category>/<split>/part-*.parquet
             seen: set[str] = set()
-            for shard in self.shard_uris(category):
+            for shard in self._listed_shard_uris(category):
                 ids = self._row_ids_of(shard)
                 keep = np.fromiter((i not in seen for i in ids), dtype=bool, count=len(ids))
                 seen.update(ids)
@@ -227,19 +338,40 @@ class FeatureSet:
 
         def read() -> set[str]:
             with fs.open_input_file(path) as handle:  # the footer only
-                return set(pq.ParquetFile(handle).schema_arrow.names)
+                return _parsed(uri, lambda: set(pq.ParquetFile(handle).schema_arrow.names))
+        return self.storage.retry(f"cannot read {uri}", read)
+
+    def _read_columns(self, uri: str, columns: list[str]) -> pa.Table:
+        fs, path = self.storage.resolve(uri)
+
+        def read() -> pa.Table:
+            with fs.open_input_file(path) as handle:  # ranged reads: these columns only
+                return _parsed(uri, lambda: pq.ParquetFile(handle).read(columns=columns))
         return self.storage.retry(f"cannot read {uri}", read)
 
     def _row_ids_of(self, uri: str) -> list[str]:
-        fs, path = self.storage.resolve(uri)
-
-        def read() -> list[str]:
-            with fs.open_input_file(path) as handle:  # ranged reads: the row_id column only
-                return pq.ParquetFile(handle).read(columns=["row_id"]).column("row_id").to_pylist()
-        return self.storage.retry(f"cannot read {uri}", read)
+        return self._read_columns(uri, ["row_id"]).column("row_id").to_pylist()
 
     def row_ids(self) -> set[str]:
+        index = self.row_index()
+        if index is not None:
+            return set(index["row_id"])
         return set(self.read(columns=["row_id"]).column("row_id").to_pylist()) if self.shard_uris() else set()
+
+    def stored_rows(self) -> pd.DataFrame:
+        """Every row of every shard in the folder as written (no index, no de-duplication), in shard
+        path order, with its shard's relative path: what a re-run compares the catalog against
+        (``features.plan.STORED_COLUMNS``)."""
+        columns = ["row_id", "image_id", "split", "source_version", "status"]
+        uris = self._listed_shard_uris()
+        parts = []
+        for uri, table in zip(uris, _parallel(lambda u: self._read_columns(u, columns), uris)):
+            part = table.to_pandas()
+            part["shard"] = "/".join(uri.replace("\\", "/").split("/")[-3:])  # <category>/<split>/part-*.parquet
+            parts.append(part)
+        if not parts:
+            return pd.DataFrame(columns=[*columns, "shard"])
+        return pd.concat(parts, ignore_index=True)
 
     def load_pooled(self, category: str) -> dict[str, dict[str, np.ndarray]]:
         """{split: {"X", "label", "row_id", "image_id", "defect_type", "source_uri"}} of ok rows."""
@@ -288,6 +420,27 @@ class FeatureSet:
         if table.num_rows == 0:
             return table
         return table.filter(pa.compute.equal(table.column("status"), "error"))
+
+
+def _parsed(uri: str, parse, in_memory: bool = False):
+    """``parse()``, with a shard that is not valid Parquet reported in one line naming it (an
+    OSError counts as corruption only when parsing bytes already read: otherwise it may be the
+    storage's, which :meth:`Storage.retry` classifies)."""
+    corrupt = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) + ((OSError,) if in_memory else ())
+    try:
+        return parse()
+    except corrupt as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"corrupt feature shard {uri}: {reason}; delete it and run extract again "
+                        f"(its rows are extracted again)") from None
+
+
+def _parallel(fn, items: list) -> list:
+    """``[fn(item) for item in items]``, a few at a time (one S3 round trip each)."""
+    if len(items) < 4:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 class PatchChunks:

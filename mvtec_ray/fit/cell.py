@@ -20,13 +20,9 @@ from mvtec_ray.config import EvaluationConfig, params_json
 from mvtec_ray.deploy.model_files import save_model
 from mvtec_ray.detectors.base import Detector
 from mvtec_ray.detectors.registry import build_detector, input_kind
+from mvtec_ray.errors import StorageError, StorageUnavailable
 from mvtec_ray.evaluation.metrics import image_metrics
-from mvtec_ray.evaluation.pixel_metrics import (
-    pixel_auroc,
-    pixel_f1,
-    pixel_f1_max,
-    pro_score,
-)
+from mvtec_ray.evaluation.pixel_metrics import evaluate_pixels
 from mvtec_ray.evaluation.thresholds import choose_pixel_threshold, threshold_for_rule
 from mvtec_ray.features.store import FeatureSet, PatchChunks
 from mvtec_ray.storage import Storage, join
@@ -150,7 +146,7 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     from mvtec_ray.data.images import (
         decode_mask_png,  # here, not at the top: it imports torchvision (~1 s per Ray worker)
     )
-    from mvtec_ray.evaluation.pixel_protocol import PixelProtocol
+    from mvtec_ray.evaluation.pixel_protocol import MaskUnreadable, PixelProtocol
     detector = build_detector(detector_name, **params)
     if configure is not None:
         configure(detector)
@@ -184,19 +180,30 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     normal_range = _normal_range(val_maps, val_masks)
     del val_maps, val_masks
     test_scores, test_labels, maps, truths, overlay_jobs = [], [], [], [], []
+    # one unreadable mask or image is a problem of that image (named in the row), not a failed cell
+    problems: list[str] = []
+    left_out: set[int] = set()
     n_train = sum(len(c) for c in train)
     write = bool(out_uri and evaluation.save_maps)
     for part in features.iter_patches(category, "test", with_masks=True, column=column):
         patch, scores = detector.patch_and_image_scores(part["X"])
         test_scores.append(scores)
         test_labels.append(part["label"])
-        part_truths = [protocol.ground_truth(storage, part["mask_uri"][i], part["mask_png"][i], part["source_hw"][i])
-                       for i in range(len(scores))]
-        part_maps = protocol.maps(detector, patch, [t.shape for t in part_truths], part["source_hw"])
+        part_truths = []
+        for i in range(len(scores)):
+            try:
+                truth = protocol.ground_truth(storage, part["mask_uri"][i], part["mask_png"][i], part["source_hw"][i])
+            except MaskUnreadable as exc:
+                problems.append(f"{part['image_id'][i]} left out of the pixel metrics: {exc}")
+                left_out.add(len(maps) + i)
+                truth = protocol.ground_truth(storage, "", b"", part["source_hw"][i])  # the map's shape only
+            part_truths.append(truth)
+        square_maps = protocol.input_maps(detector, patch)  # smoothed once; only resized below
+        part_maps = protocol.at_truth(square_maps, [t.shape for t in part_truths], part["source_hw"])
         files = {"map_file": [""] * len(scores), "pred_mask_file": [""] * len(scores),
                  "overlay_file": [""] * len(scores)}
         if write:
-            small = detector.maps_from_patch_scores(patch, (protocol.reduced_size,) * 2, input_size)
+            small = protocol.at_size(square_maps, protocol.reduced_size)
             for i, image_id in enumerate(part["image_id"]):
                 files["map_file"][i] = _save_map(storage, out_uri, detector_name, image_id, small[i])
                 if pixel_threshold is not None:
@@ -205,6 +212,8 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
         if out_uri and evaluation.overlays and pixel_threshold is not None:
             from mvtec_ray.report.overlays import overlay_name
             for i, image_id in enumerate(part["image_id"]):
+                if len(maps) + i in left_out:
+                    continue
                 files["overlay_file"][i] = overlay_name(detector_name, image_id)
                 overlay_jobs.append((len(maps) + i, part["source_uri"][i], files["overlay_file"][i],
                                      f"{image_id}  score {scores[i]:.4g}  (pixel threshold {pixel_threshold.value:.4g})"))
@@ -220,17 +229,21 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
                         "val_synthetic": int(sum(len(s) for s in val_scores) - n_val_good),
                         "test_good": int((test["label"] == 0).sum()), "test_defect": int((test["label"] == 1).sum())}))
     row["pixel_eval"] = protocol.label
+    if left_out:
+        maps = [m for j, m in enumerate(maps) if j not in left_out]
+        truths = [t for j, t in enumerate(truths) if j not in left_out]
+        overlay_jobs = [(maps_index - sum(1 for j in left_out if j < maps_index), *rest)
+                        for maps_index, *rest in overlay_jobs]
     if any(t.any() for t in truths):
-        row["pixel_auroc"] = pixel_auroc(maps, truths)
-        row["pixel_pro"] = pro_score(maps, truths)
-        row["pixel_f1_max"] = pixel_f1_max(maps, truths)  # oracle: uses the test masks
-        if pixel_threshold is not None:
-            row.update(pixel_f1(maps, truths, pixel_threshold.value))
+        # pixel AUROC, PRO, F1-max (oracle: uses the test masks) and F1: one flattening, one sort
+        row.update(evaluate_pixels(maps, truths, pixel_threshold.value if pixel_threshold is not None else None))
     if pixel_threshold is not None:
         row.update(pixel_threshold=pixel_threshold.value, pixel_threshold_rule=pixel_threshold.rule)
         if overlay_jobs:
-            _write_overlays(storage, out_uri, overlay_jobs, maps, truths, pixel_threshold.value, normal_range,
-                            input_size, metadata.get("resize_to"))
+            problems += _write_overlays(storage, out_uri, overlay_jobs, maps, truths, pixel_threshold.value,
+                                        normal_range, input_size, metadata.get("resize_to"))
+    if problems:
+        row["problems"] = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
     row["score_seconds"] = time.perf_counter() - started
     stats = getattr(detector, "fit_stats_", None)
     if stats:
@@ -251,19 +264,25 @@ def _normal_range(val_maps: list[np.ndarray], val_masks: list[np.ndarray]) -> tu
 
 
 def _write_overlays(storage: Storage, out_uri: str, jobs: list, maps: list, truths: list, threshold: float,
-                    colour_range: tuple[float, float], input_size: int, resize_to: int | None) -> None:
+                    colour_range: tuple[float, float], input_size: int, resize_to: int | None) -> list[str]:
+    """Write each overlay; return a problem per image that could not be read (its overlay is skipped)."""
     from mvtec_ray.data.images import DecodeError, decode_image
     from mvtec_ray.report.overlays import render_overlay
+    problems = []
     low = colour_range[0]
     high = max(colour_range[1], max(float(maps[index].max()) for index, *_ in jobs))
     for index, source_uri, relative, caption in jobs:
         try:
             image = decode_image(storage.read_bytes(source_uri), input_size, resize_to=resize_to)
-        except (DecodeError, FileNotFoundError) as exc:
+        except StorageUnavailable:
+            raise
+        except (DecodeError, FileNotFoundError, StorageError) as exc:  # e.g. its permissions changed since extraction
             log.warning("overlay of %s skipped: %s", source_uri, exc)
+            problems.append(f"overlay of {source_uri} skipped: {exc}")
             continue
         png = render_overlay(image, truths[index], maps[index], threshold, low, high, caption)
         storage.write_bytes(join(out_uri, relative), png)
+    return problems
 
 
 def _save_predicted_mask(storage: Storage, out_uri: str, detector_name: str, image_id: str, mask: np.ndarray) -> str:

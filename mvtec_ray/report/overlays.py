@@ -8,6 +8,7 @@ map and predicted mask (``map >= pixel threshold``) are resized onto it
 """
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -63,6 +64,9 @@ def render_overlay(image: np.ndarray, truth: np.ndarray, anomaly_map: np.ndarray
 
 
 def overlay_name(detector: str, image_id: str, suffix: str = "png") -> str:
-    """``overlays/<detector>/<image id without extension, / as __>.png`` (relative to the run folder)."""
+    """``overlays/<detector>/<image id without extension, / as __>-<8 hex>.png`` (relative to the run
+    folder). The 8 hex digits are of the whole image id's sha1, so ``x.png`` and ``x.jpg`` of one
+    folder (or ``a/b.png`` and ``a__b.png``) never share an overlay."""
     stem = image_id.rsplit(".", 1)[0] if "." in image_id.rsplit("/", 1)[-1] else image_id
-    return f"overlays/{detector}/{stem.replace('/', '__')}.{suffix}"
+    digest = hashlib.sha1(image_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"overlays/{detector}/{stem.replace('/', '__')}-{digest}.{suffix}"

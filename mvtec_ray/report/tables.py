@@ -11,7 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-MEAN = "mean"
+from mvtec_ray.evaluation.summary import MEAN_ROW as MEAN
+
 ORACLE_LABEL = "F1-max (oracle, tuned on test labels)"
 PIXEL_ORACLE_LABEL = "Pixel F1-max (oracle, tuned on test masks)"
 

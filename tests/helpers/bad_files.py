@@ -143,3 +143,58 @@ def every_entry(root: Path) -> set[str]:
         found.update(os.path.join(folder, d) for d in dirs if os.path.islink(os.path.join(folder, d)))
         found.update(os.path.join(folder, n) for n in names)
     return {printable_path(p) for p in found}
+
+
+# -- full-length corrupt files: every byte there, the content broken ------------------------------
+
+
+def zero_filled_half(data: bytes) -> bytes:
+    """The first half of ``data`` and zeros for the rest, at full length (a copy cut short on a
+    preallocated or sparse file)."""
+    return data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
+
+
+def jpeg_bad_marker(data: bytes) -> bytes:
+    """A JPEG with two entropy-coded bytes in the middle of its scan turned into ``FF 13``, a marker
+    that cannot occur there (what flipped bits in the image data look like to a decoder)."""
+    body = bytearray(data)
+    start = data.index(b"\xff\xda") + 2 + int.from_bytes(data[data.index(b"\xff\xda") + 2:][:2], "big")
+    k = start + (len(data) - start) // 2
+    while body[k - 1] == 0xFF or body[k] == 0xFF:  # not next to an existing marker or stuffing
+        k += 1
+    body[k:k + 2] = b"\xff\x13"
+    return bytes(body)
+
+
+def tiff_broken_tag(image: Image.Image) -> bytes:
+    """An uncompressed TIFF whose Software tag points past the end of the file (a damaged IFD:
+    Pillow only warns, "Tag data larger than file", and decodes the pixels)."""
+    from PIL import TiffImagePlugin
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[305] = "x" * 40  # Software, stored outside the IFD entry
+    data = bytearray(encode(image, "TIFF", tiffinfo=info))
+    assert data[:2] == b"II"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == 305:
+            struct.pack_into("<I", data, entry + 8, len(data) + 4096)
+            return bytes(data)
+    raise AssertionError("no Software tag written")
+
+
+def corrupt_files() -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, words of the reason): full-length corrupt files. Pillow alone decodes the
+    first four with status ok (garbage pixels); the others it refuses itself."""
+    rgb = sample_rgb(128, 128)
+    jpeg = encode(rgb, "JPEG", quality=90)
+    progressive = encode(rgb, "JPEG", quality=90, progressive=True)
+    return {
+        "zero_half.jpg": (zero_filled_half(jpeg), "no end-of-image marker"),
+        "zero_half.webp": (zero_filled_half(encode(rgb, "WEBP", quality=90)), "zero bytes"),
+        "zero_half_lossless.webp": (zero_filled_half(encode(rgb, "WEBP", lossless=True)), "zero bytes"),
+        "broken_tag.tiff": (tiff_broken_tag(rgb), "truncated file read"),
+        "zero_half_progressive.jpg": (zero_filled_half(progressive), "truncated"),
+        "bad_marker.jpg": (jpeg_bad_marker(jpeg), "broken data stream"),
+        "zero_half_lzw.tiff": (zero_filled_half(encode(rgb, "TIFF", compression="tiff_lzw")), "not a readable image"),
+    }

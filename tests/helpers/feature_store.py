@@ -68,5 +68,6 @@ def write_store(root, seed: int = 0, shuffle_test_labels: bool = False, patches:
                 batch.setdefault(column, np.full(n, "", dtype=object))
             write_shards(batch, out, storage, metadata)
     storage.write_bytes(join(out, EXTRACT_META), json.dumps(metadata).encode())
-    storage.write_bytes(join(out, SUCCESS), json.dumps({"rows": 0, "errors": 0}).encode())
+    rows = len(CATEGORIES) * sum(SIZES.values())  # FeatureSet.open checks the count against the shards
+    storage.write_bytes(join(out, SUCCESS), json.dumps({"rows": rows, "errors": 0}).encode())
     return FeatureSet.open(out, storage)

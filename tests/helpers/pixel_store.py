@@ -111,5 +111,5 @@ def write_pixel_store(root: Path, seed: int = 0) -> tuple[FeatureSet, list[Path]
             batch.setdefault(column, np.full(n, "", dtype=object))
         write_shards(batch, out, storage, metadata)
     storage.write_bytes(join(out, EXTRACT_META), json.dumps(metadata).encode())
-    storage.write_bytes(join(out, SUCCESS), json.dumps({"rows": 0, "errors": 0}).encode())
+    storage.write_bytes(join(out, SUCCESS), json.dumps({"rows": sum(SIZES.values()), "errors": 0}).encode())
     return FeatureSet.open(out, storage), mask_files

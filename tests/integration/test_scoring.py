@@ -18,7 +18,7 @@ import pytest
 from mvtec_ray.config import load_config
 from mvtec_ray.deploy.listing import iter_listing, list_images
 from mvtec_ray.deploy.model_files import check_versions, load_model, runtime_versions
-from mvtec_ray.deploy.score_index import key_hashes, scored_index
+from mvtec_ray.deploy.score_index import input_hashes, read_index, score_keys
 from mvtec_ray.deploy.scorer import write_score_shards
 from mvtec_ray.distributed.scoring import run_scoring
 from mvtec_ray.errors import ModelMismatch, UserError
@@ -175,10 +175,13 @@ def test_scored_index_is_compact_hashes(tmp_path):
     (tmp_path / "scores").mkdir()
     for i in range(3):
         table = pa.table({"input_uri": [f"/x/{i}.png"] * 2, "input_version": ["1-2"] * 2, "detector": ["a", "b"]})
+        table = table.append_column("model_version", pa.array(["m"] * 2)).append_column("scored_at", pa.array([1.0] * 2))
         pq.write_table(table, str(tmp_path / "scores" / f"part-{i}.parquet"))
-    index = scored_index(Storage(), str(tmp_path))
-    assert index.dtype == np.uint64 and len(index) == 3  # one 8-byte entry per image, not per row or string
-    assert np.isin(key_hashes(["/x/1.png", "/x/1.png"], ["1-2", "9-9"]), index).tolist() == [True, False]
+    index = read_index(Storage(), str(tmp_path)).scored
+    assert index.dtype == np.uint64 and len(index) == 6  # one 8-byte entry per (image, model), not a string
+    keys = score_keys(["/x/1.png"] * 3, ["1-2", "9-9", "1-2"], ["a", "a", "c"], ["m"] * 3)
+    assert np.isin(keys, index).tolist() == [True, False, False]
+    assert input_hashes(["/x/1.png"], ["1-2"]).dtype == np.uint64
 
 
 def test_writer_returns_counts_not_rows(tmp_path):
@@ -194,7 +197,7 @@ def test_writer_returns_counts_not_rows(tmp_path):
              "has_map": np.asarray([False, True] * 3)}
     counts = write_score_shards(batch, str(tmp_path), Storage())
     assert {k: list(v) for k, v in counts.items()} == {"category": ["washer"], "images": [2], "rows": [4],
-                                                        "errors": [2]}
+                                                        "errors": [2], "known_errors": [0]}
     assert len(pq.read_table(tmp_path / "scores").to_pandas()) == 4
 
 
@@ -230,7 +233,9 @@ def test_categories_unknowns_and_rescore(fitted, small_dataset, tmp_path):
     assert errors.loc["notes.txt", "error"].startswith("not an image file")
 
     again = run_scoring(_config(fitted, out), str(fitted[1]), str(root), detectors=DETECTORS)
-    assert (again.listed, again.already_scored, again.scored_images) == (6, 6, 0)
+    # error rows are tried again (and not written twice); scored images are not
+    assert (again.listed, again.already_scored, again.scored_images, again.errors, again.known_errors) == \
+        (6, 3, 0, 3, 3)
     before = _scores(str(out / "scores"))["scored_at"].max()
     forced = run_scoring(_config(fitted, out), str(fitted[1]), str(root), detectors=DETECTORS, rescore=True)
     assert (forced.already_scored, forced.scored_images, forced.errors) == (0, 3, 3)
@@ -276,7 +281,7 @@ def test_s3_models_images_and_output(fitted, small_dataset, tmp_path, s3_server,
     assert (merged["is_anomaly_s3"] == merged["is_anomaly_local"]).all()
     assert sorted(remote_errors["input_uri"].str.rsplit("/", n=1).str[-1]) == ["g.png", "loose.png", "notes.txt"]
     again = run_scoring(config, "s3://mvtec/scoring/models", "s3://mvtec/scoring/incoming", detectors=DETECTORS)
-    assert (again.already_scored, again.scored_images) == (7, 0)
+    assert (again.already_scored, again.scored_images, again.known_errors) == (4, 0, 3)
 
 
 def test_cli_score_end_to_end(fitted, small_dataset, tmp_path, ray_session):

@@ -70,6 +70,12 @@ def test_the_table_names_the_module_that_registers_each_detector():
         assert REGISTRY[info.name].__module__ == f"mvtec_ray.detectors.{info.module}", info
 
 
+def test_the_table_lists_each_detectors_parameters():
+    _load_builtin()
+    for info in BUILTIN:
+        assert sorted(info.params) == sorted(REGISTRY[info.name].default_params()), info.name
+
+
 @pytest.mark.parametrize("name", POOLED)
 def test_higher_score_means_more_anomalous(name, data, fitted):
     _, _, test, labels = data

@@ -38,10 +38,12 @@ def test_serve_configs_validate_against_serve_schema():
         assert config["http_options"]["port"] == 8000
 
 
-def test_import_path_builds_the_application_from_the_args():
+def test_import_path_builds_the_application_from_the_args(monkeypatch):
     from ray.serve import Application
 
+    from mvtec_ray.deploy.api import TOKEN_ENV
     from mvtec_ray.distributed.serve import ScoringDeployment, ServeArgs
+    monkeypatch.setenv(TOKEN_ENV, "a token from the nodes' environment")
     for config in _serve_configs():
         app = config["applications"][0]
         module, _, name = app["import_path"].partition(":")
@@ -77,3 +79,25 @@ def test_rayservice_cluster_is_the_rayclusters_plus_serve_port_and_token():
             assert token in container["envFrom"], container["name"]
             container["envFrom"].remove(token)
     assert spec == _load(RAYCLUSTER)["spec"]
+
+
+def test_without_token_the_configs_refuse_to_deploy_unless_anonymous_is_explicit(monkeypatch):
+    """Both configs bind 0.0.0.0: without MVTEC_RAY_TOKEN they must not build an open API."""
+    from mvtec_ray.deploy.api import TOKEN_ENV
+    from mvtec_ray.errors import UserError
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    for config in _serve_configs():
+        app = config["applications"][0]
+        assert config["http_options"]["host"] == "0.0.0.0"
+        assert not app["args"].get("allow_anonymous"), "anonymous access is never the shipped default"
+        module, _, name = app["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), name)
+        with pytest.raises(UserError, match=f"without a bearer token.*{TOKEN_ENV}"):
+            builder(copy.deepcopy(app["args"]))
+        builder({**copy.deepcopy(app["args"]), "allow_anonymous": True})  # explicit: builds
+
+
+def test_the_configs_document_the_token_rule():
+    for path in (SERVE, RAYSERVICE):
+        text = path.read_text()
+        assert "allow_anonymous: true" in text and "refuses" in text, path.name
