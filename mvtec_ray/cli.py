@@ -64,6 +64,8 @@ def _evaluation_flags(parser: argparse.ArgumentParser) -> None:
                         help="tune each detector's hyper-parameters on the validation split (config 'search:')")
     parser.add_argument("--threshold-rule", help="f1 (default: F1-max on validation) or fpr:<rate>, e.g. fpr:0.01 "
                                                  "(flags at most that fraction of held-out normal images)")
+    parser.add_argument("--pixel-threshold-rule", help="between:0.999 (default), f1 (F1-max on validation pixels) or "
+                                                       "normal:<q> (a quantile of held-out normal pixels)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +148,7 @@ def config_from_args(args: argparse.Namespace):
         "extract.augment_copies": get("augment_copies"), "extract.device": get("device"),
         "detectors.names": _split(get("detectors")), "manifest": get("manifest"),
         "search.enabled": get("search"), "evaluation.threshold_rule": get("threshold_rule"),
+        "evaluation.pixel_threshold_rule": get("pixel_threshold_rule"),
     }
     config = load_config(get("config"), overrides)
     if get("s3_endpoint"):

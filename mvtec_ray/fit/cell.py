@@ -176,7 +176,8 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
             val_masks += part_masks
             rows += _score_rows(category, detector_name, split, part, scores)
     # the pixel threshold: from validation maps (synthetic defects' masks) alone, before any test mask is read
-    pixel_threshold = choose_pixel_threshold(val_maps, val_masks, evaluation.normal_quantile) if val_maps else None
+    pixel_threshold = (choose_pixel_threshold(val_maps, val_masks, evaluation.normal_quantile,
+                                              evaluation.pixel_threshold_rule) if val_maps else None)
     normal_range = _normal_range(val_maps, val_masks)
     del val_maps, val_masks
     test_scores, test_labels, maps, truths, overlay_jobs = [], [], [], [], []

@@ -131,7 +131,7 @@ def test_detector_maps_are_smoothed_at_input_resolution(pixel_store):
 def test_pixel_threshold_is_chosen_on_validation_masks_only(pixel_store, tmp_path):
     features, mask_files = pixel_store
     first = _fit(pixel_store).row
-    assert first["pixel_threshold_rule"] == "pixel_val_f1_max"
+    assert first["pixel_threshold_rule"] == "pixel_between_0.999"  # the default rule
     assert 0 < first["pixel_f1"] <= first["pixel_f1_max"] <= 1  # the oracle is an upper bound
     originals = [p.read_bytes() for p in mask_files]
     try:
@@ -149,10 +149,29 @@ def test_choose_pixel_threshold_rules():
     maps = np.zeros((2, 8, 8), np.float32)
     masks = np.zeros((2, 8, 8), bool)
     maps[1, 2:4, 2:4], masks[1, 2:4, 2:4] = 5.0, True
-    chosen = choose_pixel_threshold(maps, masks)
+    chosen = choose_pixel_threshold(maps, masks, rule="f1")
     assert chosen.rule == "pixel_val_f1_max" and 0 < chosen.value <= 5.0
     normal_only = choose_pixel_threshold(np.arange(128, dtype=np.float32).reshape(2, 8, 8), np.zeros((2, 8, 8), bool))
     assert normal_only.rule.startswith("pixel_normal_quantile")
+
+
+def test_the_between_rule_lies_between_the_normal_quantile_and_the_synthetic_f1_threshold():
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(1.0, 2.0, size=(6, 16, 16)).astype(np.float32)  # normal texture scores in [1, 2]
+    masks = np.zeros(maps.shape, bool)
+    maps[3:, 4:8, 4:8], masks[3:, 4:8, 4:8] = 20.0, True  # strong synthetic defects on three images
+    low = choose_pixel_threshold(maps, masks, rule="normal:0.999").value
+    high = choose_pixel_threshold(maps, masks, rule="f1").value
+    between = choose_pixel_threshold(maps, masks, rule="between:0.999")
+    assert between.rule == "pixel_between_0.999"
+    assert low < between.value < high and between.value == pytest.approx(np.sqrt(low * high))
+    # only the held-out normals (empty masks) decide the lower bound: defect pixels are never in it
+    normal_pixels = maps[~masks.any(axis=(1, 2))].ravel()
+    assert low == pytest.approx(np.quantile(normal_pixels, 0.999))
+    with pytest.raises(ValueError, match="between"):
+        choose_pixel_threshold(maps[3:], masks[3:], rule="between:0.999")  # no held-out normal image
+    with pytest.raises(ValueError, match="quantile"):
+        choose_pixel_threshold(maps, masks, rule="between:2")
 
 
 # -- predicted masks and overlays ------------------------------------------------------------------
