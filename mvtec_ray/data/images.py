@@ -124,11 +124,33 @@ def _load(image: Image.Image, data: bytes) -> None:
         image.load()
     problem = None
     if image.format in ("JPEG", "MPO"):
-        problem = jpeg_problem(data)
+        problem = jpeg_problem(data) or jpeg_entropy_problem(data)
     elif image.format == "WEBP":
         problem = _zero_tail_problem(data)
     if problem:
         raise DecodeError(problem)
+
+
+#: libjpeg-turbo's words for damaged image data: Pillow drops these warnings and decodes garbage
+_JPEG_DAMAGE = ("corrupt", "premature", "extraneous", "huffman", "marker", "bogus", "invalid")
+
+
+def jpeg_entropy_problem(data: bytes) -> str | None:
+    """Why a JPEG's compressed image data is damaged, or None: libjpeg-turbo (through simplejpeg)
+    decodes every entropy-coded byte with its warnings as errors, at 1/8 scale (the DCT scaling
+    still reads every coefficient: cheap, and nothing is kept). Flipped bytes and zero runs inside
+    the scan that leave the segment structure intact are only found this way."""
+    try:
+        import simplejpeg
+    except ImportError:  # an optional speed-up elsewhere; here the structural check still runs
+        return None
+    try:
+        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
+    except (ValueError, RuntimeError) as exc:
+        message = str(exc)
+        if any(word in message.lower() for word in _JPEG_DAMAGE):
+            return f"corrupt JPEG data ({message.splitlines()[0][:120]})"
+    return None  # anything else (e.g. a colour space simplejpeg does not convert): Pillow decoded it
 
 
 #: inside a JPEG's entropy-coded data a 0xFF byte is followed by 0x00 (stuffing), a restart

@@ -166,6 +166,16 @@ def jpeg_bad_marker(data: bytes) -> bytes:
     return bytes(body)
 
 
+def jpeg_zero_run(data: bytes) -> bytes:
+    """A JPEG whose scan data has a run of zero bytes in its middle and is otherwise intact (its
+    end-of-image marker included): what a lost disk block looks like."""
+    body = bytearray(data)
+    start = data.index(b"\xff\xda") + 2 + int.from_bytes(data[data.index(b"\xff\xda") + 2:][:2], "big")
+    middle = start + (len(data) - start) // 2
+    body[middle:middle + (len(data) - start) // 4] = bytes((len(data) - start) // 4)
+    return bytes(body)
+
+
 def tiff_broken_tag(image: Image.Image) -> bytes:
     """An uncompressed TIFF whose Software tag points past the end of the file (a damaged IFD:
     Pillow only warns, "Tag data larger than file", and decodes the pixels)."""

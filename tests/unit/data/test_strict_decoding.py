@@ -16,13 +16,14 @@ from mvtec_ray.data.images import (
     decode_mask,
     encode_mask_png,
     image_dimensions,
+    jpeg_entropy_problem,
     jpeg_problem,
     read_image_file,
 )
 from mvtec_ray.deploy.listing import list_images
 from mvtec_ray.features.prepare import prepare_batch
 from mvtec_ray.storage import Storage
-from tests.helpers.bad_files import corrupt_files, encode, image_files, sample_rgb
+from tests.helpers.bad_files import corrupt_files, encode, image_files, jpeg_zero_run, sample_rgb
 
 CORRUPT = corrupt_files()
 
@@ -49,6 +50,21 @@ def test_valid_jpegs_stay_valid(kwargs):
     with_exif = encode(rgb, "JPEG", exif=exif.tobytes(), **kwargs) + b"camera trailer \x00\x00"
     assert jpeg_problem(with_exif) is None
     assert decode_image(with_exif, 64).shape == (64, 64, 3)
+
+
+def test_damaged_jpeg_scan_data_with_its_structure_intact_is_a_decode_error():
+    """A zero run or flipped bytes inside the scan leave every marker in place: Pillow decodes
+    garbage with status ok, the structural walk sees nothing; libjpeg-turbo's strict decode does."""
+    rgb = sample_rgb(256, 256, seed=4)
+    data = encode(rgb, "JPEG", quality=90)
+    zero_run = jpeg_zero_run(data)
+    assert jpeg_problem(zero_run) is None  # the segment walk cannot see it
+    Image.open(io.BytesIO(zero_run)).load()  # nor Pillow: the pixels are garbage, no error
+    with pytest.raises(DecodeError, match="corrupt JPEG data"):
+        decode_image(zero_run, 64)
+    assert jpeg_entropy_problem(data) is None and decode_image(data, 64).shape == (64, 64, 3)
+    for kwargs in ({"quality": 75, "progressive": True}, {"quality": 95, "subsampling": 0}):
+        assert jpeg_entropy_problem(encode(rgb, "JPEG", **kwargs)) is None
 
 
 def test_restart_markers_and_black_webps_stay_valid():
