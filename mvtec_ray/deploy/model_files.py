@@ -326,13 +326,6 @@ def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
     return served_models(storage, models_uri).pairs
 
 
-def check_compatible(model: StoredModel, feature_metadata: dict) -> None:
-    """Refuse to score features that differ from those the model was fitted on."""
-    check_schema(model.info, {k: feature_metadata.get(k, SCHEMA_DEFAULTS.get(k)) for k in SCHEMA_KEYS
-                                 if k in model.info["schema"]},
-                 f"{model.category}/{model.detector.name}")
-
-
 def write_manifest(storage: Storage, models_uri: str, entries: list[dict], fingerprint: str | None = None) -> None:
     storage.write_bytes(join(models_uri, MANIFEST), json.dumps(
         {"format": FORMAT_VERSION, "models": entries, "fingerprint": fingerprint, "written_at": time.time(),

@@ -82,7 +82,9 @@ class ScoringDeployment:
         require_token_or_anonymous(self.token_sha256, allow_anonymous, "the scoring replica")
         import ray
         import torch
-        torch.set_num_threads(threads)  # Ray pins a num_cpus=1 worker to one thread
+
+        from mvtec_ray.threads import pin_threads
+        self._threads = pin_threads(threads)  # Ray pins a num_cpus=1 worker to one thread
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.service = ScoringService(models, config, categories, detectors, device=device,
                                       max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels,
