@@ -85,6 +85,13 @@ def check_header(head: bytes, what: str = "image") -> str:
     raise DecodeError(f"not a readable {what} (unknown format; expected PNG, JPEG, BMP, TIFF or WebP)")
 
 
+#: files listed at most this large (or of unknown size: masks) are read in one request, bounded by
+#: max_file_bytes, and their header checked in memory; a larger file's header is read first, so a
+#: multi-GB non-image costs a few bytes. On S3 each read is a request, and a flaky endpoint fails
+#: requests, not bytes
+HEADER_FIRST_ABOVE = 16 * 1024 * 1024
+
+
 def read_image_file(storage: Storage, uri: str, max_file_bytes: int, size_bytes: int | None = None,
                     what: str = "image") -> bytes:
     """The bytes of an image (or mask) file, refused before they are read when the listed
@@ -94,6 +101,10 @@ def read_image_file(storage: Storage, uri: str, max_file_bytes: int, size_bytes:
     if size_bytes is not None and size_bytes > max_file_bytes:
         raise DecodeError(f"{what} file too large ({size_bytes} bytes > max_file_bytes {max_file_bytes})")
     try:
+        if size_bytes is None or size_bytes <= HEADER_FIRST_ABOVE:
+            data = storage.read_bytes(uri, max_bytes=max_file_bytes)
+            check_header(data[:HEADER_BYTES], what)
+            return data
         return storage.read_bytes(uri, max_bytes=max_file_bytes, head=lambda h: check_header(h, what),
                                   head_bytes=HEADER_BYTES)
     except TooLarge as exc:

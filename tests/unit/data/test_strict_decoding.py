@@ -11,6 +11,7 @@ from PIL import Image
 from mvtec_ray.config import ExtractConfig
 from mvtec_ray.data.images import (
     HEADER_BYTES,
+    HEADER_FIRST_ABOVE,
     DecodeError,
     decode_image,
     decode_mask,
@@ -88,7 +89,7 @@ class CountingStorage(Storage):
 
     def __init__(self, files: dict[str, bytes]):
         super().__init__()
-        self.files, self.bytes_read, self.opened = files, 0, 0
+        self.files, self.bytes_read, self.opened, self.reads = files, 0, 0, 0
 
     def resolve(self, uri):
         return self, uri
@@ -103,6 +104,7 @@ class CountingStorage(Storage):
             def read(self, n=-1):
                 data = inner.read(n)
                 owner.bytes_read += len(data)
+                owner.reads += 1  # on S3 each read of a stream is a ranged GET
                 return data
 
         return Stream()
@@ -124,12 +126,26 @@ def test_listed_size_over_max_file_bytes_is_an_error_row_before_any_read():
 
 
 def test_a_non_image_is_refused_on_its_first_bytes():
-    blob = b"PK\x03\x04 a multi-GB archive named .png " + bytes(8 * 1024 * 1024)
+    blob = b"PK\x03\x04 a multi-GB archive named .png " + bytes(HEADER_FIRST_ABOVE + 1024 * 1024)
     storage = CountingStorage({"blob.png": blob})
     config = ExtractConfig(backbone="efficientnet_lite0", image_size=64)
     rows = prepare_batch(_batch("blob.png", len(blob)), config, storage)
     assert list(rows["status"]) == ["error"] and "not a readable image" in rows["error"][0]
     assert storage.bytes_read <= HEADER_BYTES
+
+
+def test_a_small_file_is_read_in_one_request_and_its_header_still_checked():
+    """Below HEADER_FIRST_ABOVE the header is checked in memory: one read per image (on S3 one GET,
+    so a flaky endpoint fails no more requests than before the check)."""
+    image = encode(sample_rgb(), "PNG")
+    blob = b"PK\x03\x04 an archive named .png " + bytes(100_000)
+    storage = CountingStorage({"a.png": image, "blob.png": blob})
+    config = ExtractConfig(backbone="efficientnet_lite0", image_size=64)
+    assert list(prepare_batch(_batch("a.png", len(image)), config, storage)["status"]) == ["ok"]
+    assert (storage.opened, storage.reads) == (1, 1)
+    rows = prepare_batch(_batch("blob.png", len(blob)), config, storage)
+    assert list(rows["status"]) == ["error"] and "not a readable image" in rows["error"][0]
+    assert (storage.opened, storage.reads) == (2, 2)
 
 
 def test_a_file_grown_past_the_limit_since_its_listing_is_read_only_up_to_it():
