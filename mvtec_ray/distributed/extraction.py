@@ -205,15 +205,16 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
         storage.delete_file(join(out_dir, SUCCESS))  # rows to extract: not complete until this run ends
     storage.write_bytes(join(out_dir, EXTRACT_META), json.dumps(metadata, indent=2).encode())
     resources = cluster_plan(config)
+    todo = len(expected_row_ids(plan))
     log.info("extracting %d rows (%d reused, %d errors retried, %d of changed files, %d no longer in the data) "
-             "with %s", len(expected_row_ids(plan)), len(done), reuse.retried, reuse.changed, reuse.dropped, resources)
+             "with %s", todo, len(done), reuse.retried, reuse.changed, reuse.dropped, resources)
 
     summaries = []
     if len(plan):
         weights_ref = ray.put(weights.state_dict)
         batch_size = config.batch_size
         # a small increment (a grown dataset) does not start actors that would get no batch
-        actors = max(1, min(resources["actors"], -(-len(expected_row_ids(plan)) // batch_size)))
+        actors = max(1, min(resources["actors"], -(-todo // batch_size)))
         # small blocks so decode work spreads over the workers from the start
         blocks = [plan.iloc[i:i + 4] for i in range(0, len(plan), 4)]
         use_ray_data()
@@ -224,7 +225,7 @@ def run_extraction(catalog: Catalog, features_root: str, config: ExtractConfig, 
         else:
             stages = _staged(config, storage, out_dir, metadata, weights_ref, resources, actors)
         ds = apply_stages(ray.data.from_pandas(blocks), stages)
-        shown = Progress("extract", len(expected_row_ids(plan)), "rows")
+        shown = Progress("extract", todo, "rows")
         for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
             summaries.append(part)
             shown.update(len(part))

@@ -64,8 +64,8 @@ def plan_work(entries: pd.DataFrame, config: ExtractConfig, done_row_ids: set[st
 
 
 def expected_row_ids(plan: pd.DataFrame) -> list[str]:
-    return [f"{image_id}#{v}" for image_id, variants in zip(plan["image_id"], plan["variants"])
-            for v in variants.split(",")]
+    """The row ids ``plan`` produces (:func:`expected_rows`' ``row_id`` column)."""
+    return expected_rows(plan)["row_id"].tolist()
 
 
 #: the stored rows a re-run compares against (:meth:`FeatureSet.stored_rows`), in shard order

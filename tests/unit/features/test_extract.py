@@ -308,7 +308,9 @@ def test_missing_imagenet_weights_fail_before_any_ray_work(tmp_path, monkeypatch
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # offline, even where a network is
     monkeypatch.setattr(ray, "put", no_ray)
     monkeypatch.setattr(ray.data, "from_pandas", no_ray)
-    monkeypatch.setattr("mvtec_ray.distributed.cluster.connect", no_ray)
+    import mvtec_ray.distributed.pipeline  # noqa: F401 - imported before the patch: it keeps the real connect
+    for where in ("mvtec_ray.distributed.cluster.connect", "mvtec_ray.distributed.pipeline.connect"):
+        monkeypatch.setattr(where, no_ray)  # where extraction and the pipeline look it up
     catalog = build_catalog(str(small_dataset), Storage(), [CATEGORY])
     with pytest.raises(WeightsUnavailable) as info:
         run_extraction(catalog, str(tmp_path / "features"), ExtractConfig(backbone="resnet50"), Storage())
