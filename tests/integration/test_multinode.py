@@ -31,7 +31,11 @@ def test_every_phase_completed(verdict):
 @pytest.mark.slow
 def test_work_spreads_over_nodes(verdict):
     nodes = verdict["node_ids"]
-    assert len(verdict["extract"]["nodes"]) >= 2, verdict["extract"]["nodes"]  # rows per extractor node
+    # rows per extractor node, plus the killed node that held an extractor actor: its rows may all be
+    # redone elsewhere when the kill comes before any of its batches reached the driver
+    killed = {k["node_id"] for k in verdict["kills"]
+              if k["stage"] == "extract" and any("MapWorker" in t for t in k["running"])}
+    assert len(set(verdict["extract"]["nodes"]) | killed) >= 2, (verdict["extract"]["nodes"], killed)
     assert set(verdict["extract"]["nodes"]) <= set(nodes.values())
     assert len(verdict["fit"]["nodes"]) >= 2, verdict["fit"]  # fit tasks ran on several nodes
     assert set(verdict["fit"]["nodes"]) <= set(nodes.values())
