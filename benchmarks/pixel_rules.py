@@ -27,11 +27,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from mvtec_ray.config import EvaluationConfig
+    from captured_fit import fit_keeping_maps
+
     from mvtec_ray.evaluation import thresholds
     from mvtec_ray.evaluation.pixel_metrics import pixel_f1, pixel_f1_max
     from mvtec_ray.features.store import FeatureSet
-    from mvtec_ray.fit import cell
     from mvtec_ray.storage import Storage
 
     storage = Storage()
@@ -40,34 +40,16 @@ def main() -> None:
     rules = args.rules.split(",")
     for rule in rules:
         thresholds.parse_pixel_threshold_rule(rule)
-    captured: dict = {}
-
-    def keep_validation(val_maps, val_masks, normal_quantile=0.99, rule="f1"):
-        captured["val"] = (list(val_maps), list(val_masks))
-        return thresholds.choose_pixel_threshold(val_maps, val_masks, normal_quantile, rule)
-
-    def keep_test(maps, masks, threshold=None, **kwargs):
-        captured["test"] = (list(maps), list(masks))
-        return evaluate(maps, masks, threshold, **kwargs)
-
-    evaluate = cell.evaluate_pixels
-    cell.choose_pixel_threshold, cell.evaluate_pixels = keep_validation, keep_test
     common.print_load()
     for detector in args.detectors.split(","):
-        captured.clear()
-        outcome = cell.fit_category_detector(features, category, detector, {}, EvaluationConfig(overlays=False),
-                                             None, storage, args.threads)
-        if outcome.row["status"] != "ok":
-            raise SystemExit(f"{detector}: {outcome.row['error']}")
-        val_maps, val_masks = captured["val"]
-        test_maps, test_masks = captured["test"]
-        oracle = pixel_f1_max(test_maps, test_masks)
+        fit = fit_keeping_maps(features, category, detector, storage, args.threads)
+        oracle = pixel_f1_max(fit.test_maps, fit.test_masks)
         emit(**{f"px_f1_oracle/{detector}": oracle}, digits=3)
-        emit(**{f"image_auroc/{detector}": outcome.row["image_auroc"]}, digits=3)
-        emit(**{f"pixel_auroc/{detector}": outcome.row["pixel_auroc"]}, digits=3)
+        emit(**{f"image_auroc/{detector}": fit.outcome.row["image_auroc"]}, digits=3)
+        emit(**{f"pixel_auroc/{detector}": fit.outcome.row["pixel_auroc"]}, digits=3)
         for rule in rules:
-            chosen = thresholds.choose_pixel_threshold(val_maps, val_masks, 0.99, rule)
-            f1 = pixel_f1(test_maps, test_masks, chosen.value)["pixel_f1"]
+            chosen = thresholds.choose_pixel_threshold(fit.val_maps, fit.val_masks, 0.99, rule)
+            f1 = pixel_f1(fit.test_maps, fit.test_masks, chosen.value)["pixel_f1"]
             emit(**{f"px_f1/{detector}/{rule}": f1}, digits=3)
             emit(**{f"gap/{detector}/{rule}": oracle - f1}, digits=3)
 

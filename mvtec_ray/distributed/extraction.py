@@ -75,12 +75,13 @@ class Extractor:
     """Callable class for ``map_batches``: the model is built once per actor."""
 
     def __init__(self, backbone: str, weights, patch_dim: int | None, with_patches: bool,
-                 device: str = "cpu", threads: int | None = None, padim_channels: int | None = None):
+                 device: str = "cpu", threads: int | None = None, padim_channels: int | None = None,
+                 tile_size: int | None = None):
         if threads:
             self._threads = pin_threads(threads)
         weights = resolved(weights)
-        self.model = prepare_for_device(FeatureExtractor(BACKBONES[backbone], weights, patch_dim, padim_channels),
-                                        device)
+        self.model = prepare_for_device(
+            FeatureExtractor(BACKBONES[backbone], weights, patch_dim, padim_channels, tile_size), device)
         self.with_patches = with_patches
         self.with_padim = with_patches and self.model.padim_channels > 0
         self.node = _current_node()
@@ -150,7 +151,7 @@ class ExtractionWorker:
                  threads: int | None = None):
         self.config, self.storage, self.root, self.metadata = config, storage, root, metadata
         self.extractor = Extractor(config.backbone, weights, config.patch_dim, config.patch_maps != "none",
-                                   "cpu", threads, config.padim_channels)
+                                   "cpu", threads, config.padim_channels, config.tile_size)
 
     def __call__(self, plan_rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = prepare_batch(plan_rows, self.config, self.storage)
@@ -264,6 +265,7 @@ def _staged(config: ExtractConfig, storage: Storage, out_dir: str, metadata: dic
     """GPU path: CPU decoder actors -> GPU extractor actors -> shard writer actors."""
     extractor = {"backbone": config.backbone, "weights": weights_ref, "patch_dim": config.patch_dim,
                  "with_patches": config.patch_maps != "none", "padim_channels": config.padim_channels,
+                 "tile_size": config.tile_size,
                  "device": resources["device"], "threads": resources["threads"]}
     return [Stage(Preparer, 4, config.cpus_per_reader, {"config": config, "storage": storage},
                   (1, resources["readers"])),

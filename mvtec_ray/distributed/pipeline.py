@@ -20,6 +20,7 @@ from mvtec_ray.detectors.registry import fit_cost, input_kind
 from mvtec_ray.distributed.cluster import connect
 from mvtec_ray.distributed.fit import fit_task
 from mvtec_ray.distributed.progress import Progress
+from mvtec_ray.evaluation.selection import with_best_on_validation, with_validation
 from mvtec_ray.evaluation.summary import summarise
 from mvtec_ray.features.store import FeatureSet
 from mvtec_ray.fit.cell import SCORE_COLUMNS, FitOutcome, return_freed_memory
@@ -85,16 +86,18 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
         log.debug("fitted %s/%s: %s", category, name, outcome.row.get("status"))
         outcomes.append(outcome)
     shown.close()
+    scored = [o.scores for o in outcomes if len(o.scores)]
+    scores = pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=SCORE_COLUMNS)
+    # every cell's validation AUROC/AP (validation rows of the scores only): the manifest records them
+    # and chooses each category's best_on_validation model from them
+    rows = with_validation(pd.DataFrame([o.row for o in outcomes]), scores)
     # what score/serve/export load: this fit's cells as they ended, plus still-valid earlier ones;
     # written first, so nothing after it can leave the earlier manifest serving a failed cell's old model
-    update_manifest(storage, join(out_uri, "models"), [o.row for o in outcomes], metadata.get("fingerprint"))
-    rows = pd.DataFrame([o.row for o in outcomes])
+    update_manifest(storage, join(out_uri, "models"), rows.to_dict("records"), metadata.get("fingerprint"))
     if config.search.enabled:
         from mvtec_ray.fit.search import default_beside_tuned
         rows = default_beside_tuned(rows, {cell: _row_or_error(ref) for cell, ref in defaults.items()})
-    results = summarise(rows)
-    scored = [o.scores for o in outcomes if len(o.scores)]
-    scores = pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=SCORE_COLUMNS)
+    results = summarise(with_best_on_validation(rows))
     return results, scores
 
 

@@ -176,12 +176,19 @@ class FeatureExtractor(nn.Module):
       the coarser ones upsampled to the stride-4 grid (nearest, as the paper and anomalib), of
       which a fixed random subset of ``padim_channels`` channels is kept
       (:func:`padim_channel_index`; default: the backbone's, ``spec.padim_channels``; 0 = none).
+
+    With ``tile_size`` (a divisor of the input side), each image is cut into non-overlapping square
+    tiles of that size, the tiles go through the backbone as one batch at the scale it was trained
+    at, and the maps are stitched back in place (pooled: the mean of the tiles' pooled vectors, i.e.
+    the global average of the stitched last map): an image at ``t * tile_size`` px gives maps
+    ``t`` times finer than one tile, at ``t * t`` forward passes per image.
     """
 
     def __init__(self, spec: BackboneSpec, state_dict: dict | None, patch_dim: int | None = None,
-                 padim_channels: int | None = None):
+                 padim_channels: int | None = None, tile_size: int | None = None):
         super().__init__()
         self.spec = spec
+        self.tile_size = int(tile_size) if tile_size else None
         self.model = build_model(spec)
         if state_dict is not None:
             self.model.load_state_dict(state_dict, strict=True)
@@ -209,6 +216,26 @@ class FeatureExtractor(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, with_patches: bool = True, with_padim: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        per_side = self._tiles_per_side(images)
+        if per_side == 1:
+            return self._embed(images, with_patches, with_padim)
+        pooled, patches, padim = self._embed(split_tiles(images, per_side), with_patches, with_padim)
+        n = images.shape[0]
+        pooled = pooled.reshape(n, per_side * per_side, -1).mean(dim=1)
+        return (pooled, stitch_tiles(patches, per_side) if patches is not None else None,
+                stitch_tiles(padim, per_side) if padim is not None else None)
+
+    def _tiles_per_side(self, images: torch.Tensor) -> int:
+        if not self.tile_size:
+            return 1
+        h, w = images.shape[1], images.shape[2]
+        if h != w or h % self.tile_size:
+            raise ValueError(f"tiling needs square images whose side is a multiple of tile_size "
+                             f"{self.tile_size}; got {h}x{w}")
+        return h // self.tile_size
+
+    def _embed(self, images: torch.Tensor, with_patches: bool, with_padim: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = self.normalise(images)
         if self.spec.family == "timm":
             last = self.model.forward_features(x)
@@ -251,6 +278,22 @@ class FeatureExtractor(nn.Module):
         return torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # N, H, W, C
 
 
+def split_tiles(images: torch.Tensor, per_side: int) -> torch.Tensor:
+    """NHWC images -> (N * per_side**2) NHWC tiles, row-major within each image."""
+    n, h, w, c = images.shape
+    th, tw = h // per_side, w // per_side
+    tiles = images.reshape(n, per_side, th, per_side, tw, c).permute(0, 1, 3, 2, 4, 5)
+    return tiles.reshape(n * per_side * per_side, th, tw, c)
+
+
+def stitch_tiles(maps: torch.Tensor, per_side: int) -> torch.Tensor:
+    """The inverse of :func:`split_tiles` for per-tile NHWC maps: one map per image, tiles in place."""
+    m, h, w, c = maps.shape
+    n = m // (per_side * per_side)
+    grid = maps.reshape(n, per_side, per_side, h, w, c).permute(0, 1, 3, 2, 4, 5)
+    return grid.reshape(n, per_side * h, per_side * w, c)
+
+
 def embed_images(model: FeatureExtractor, images: np.ndarray, with_patches: bool = True, with_padim: bool = False
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The one feature path of extraction, batch scoring and serving.
@@ -286,7 +329,8 @@ def prepare_for_device(model: FeatureExtractor, device: str) -> FeatureExtractor
 def probe_feature_shapes(config: ExtractConfig, weights: ResolvedWeights) -> dict:
     """Shapes of the feature columns, from one blank image (cheap; also validates the weights)."""
     import torch
-    model = FeatureExtractor(BACKBONES[config.backbone], weights.state_dict, config.patch_dim, config.padim_channels)
+    model = FeatureExtractor(BACKBONES[config.backbone], weights.state_dict, config.patch_dim, config.padim_channels,
+                             config.tile_size)
     pooled, patches, padim = model(torch.zeros((1, config.image_size, config.image_size, 3), dtype=torch.uint8),
                                    with_padim=True)
     return {"pooled_dim": int(pooled.shape[1]), "patch_shape": list(patches.shape[1:]),

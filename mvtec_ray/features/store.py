@@ -481,7 +481,8 @@ def extraction_metadata(config: ExtractConfig, weights: ResolvedWeights, probe_s
         **weights.identity(), "pretrained": weights.pretrained, "fingerprint": config.fingerprint(),
         "image_size": config.image_size, "resize_to": config.resize_to, "resize": config.resize,
         "normalisation": {"mean": spec.mean, "std": spec.std}, "patch_layers": list(spec.patch_layers),
-        "padim_layers": list(spec.padim_layers), "patch_dim": config.patch_dim, **probe_shapes,
+        "padim_layers": list(spec.padim_layers), "patch_dim": config.patch_dim, "tile_size": config.tile_size,
+        **probe_shapes,
         "config": config.model_dump(mode="json"),
         "versions": package_versions(FEATURE_PACKAGES, with_python=True),
     }

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION
 from mvtec_ray.report.figures import (
     Figures,
     examples_figure,
@@ -36,6 +37,7 @@ from mvtec_ray.report.tables import (
     MEAN,
     METRICS,
     ORACLE_LABEL,
+    detector_label,
     err_text,
     fmt,
     fmt_int,
@@ -78,6 +80,12 @@ def _detectors(results: pd.DataFrame, scores: pd.DataFrame) -> list[str]:
     return sorted(set(results["detector"].astype(str)) | set(scores.get("detector", pd.Series(dtype=str)).astype(str)))
 
 
+def _fitted(detectors: list[str]) -> list[str]:
+    """The detectors with scores of their own: the figures' (``best_on_validation`` repeats a chosen
+    one's, so it is a column of the tables only)."""
+    return [d for d in detectors if d != BEST_ON_VALIDATION]
+
+
 def _auroc_colour(v: float) -> str:
     """Red at <= 0.5 through yellow to green at 1.0."""
     if not math.isfinite(v):
@@ -99,7 +107,7 @@ def _unique_text(results: pd.DataFrame, col: str) -> list[str]:
 # ---------------------------------------------------------------------------
 def _header(results: pd.DataFrame, categories: list[str], detectors: list[str]) -> dict[str, Any]:
     weights = _unique_text(results, "weights")
-    per_cat = results[results["category"].astype(str) != MEAN]
+    per_cat = results[(results["category"].astype(str) != MEAN) & (results["detector"] != BEST_ON_VALIDATION)]
     first = per_cat.groupby("category").max(numeric_only=True) if not per_cat.empty else per_cat
 
     def total(col: str) -> str:
@@ -171,7 +179,7 @@ def _metrics_table(results: pd.DataFrame) -> dict[str, Any]:
     head = ["category", "detector", "status"] + extra + [long for _, _, long in METRICS] + counts
     rows = []
     for _, r in sorted_results(results).iterrows():
-        row = dict(category=r["category"], detector=r["detector"], mean=str(r["category"]) == MEAN,
+        row = dict(category=r["category"], detector=detector_label(r), mean=str(r["category"]) == MEAN,
                    extra=[str_or_empty(r.get(c)) for c in extra], error=None)
         if is_error(r):
             row["error"] = err_text(r, 300)
@@ -239,6 +247,7 @@ def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None)
 
     categories = _categories(results, scores)
     detectors = _detectors(results, scores)
+    fitted = _fitted(detectors)
     res_idx = {(r["category"], r["detector"]): r for _, r in results.iterrows()}
     figs = Figures(run)
     test_by_cat = {c: g for c, g in test.groupby("category", sort=False)}
@@ -248,20 +257,23 @@ def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None)
     if "pixel_auroc" in results and pd.to_numeric(results["pixel_auroc"], errors="coerce").notna().any():
         pivots.append(_pivot(results, "pixel_auroc", "Pixel AUROC (detectors with anomaly maps)",
                              detectors, categories))
+    if "val_auroc" in results and pd.to_numeric(results["val_auroc"], errors="coerce").notna().any():
+        pivots.append(_pivot(results, "val_auroc", f"Validation AUROC (held-out normals vs synthetic defects; "
+                                                   f"{BEST_ON_VALIDATION} takes the highest)", detectors, categories))
     tuning = _tuning(results, run)
     show_protocol = "pixel_eval" in results and results["pixel_eval"].notna().any()
     gallery = write_overlay_gallery(run, test, results) if "overlay_file" in test else None
-    roc = (_figure(figs, roc_figure(categories, detectors, test, res_idx), "roc_curves", "ROC curves per category")
+    roc = (_figure(figs, roc_figure(categories, fitted, test, res_idx), "roc_curves", "ROC curves per category")
            if not test.empty else None)
 
     sections = []
     for i, cat in enumerate(categories):
         ct = test_by_cat.get(cat, empty)
         section: dict[str, Any] = dict(index=i, category=cat, examples=None)
-        section["histograms"] = _figure(figs, histogram_figure(cat, detectors, ct, res_idx), f"{cat}_histograms",
+        section["histograms"] = _figure(figs, histogram_figure(cat, fitted, ct, res_idx), f"{cat}_histograms",
                                         f"{cat} score histograms")
         sections.append(section)
-        ref = reference_detector(cat, detectors, ct, res_idx) if not ct.empty else None
+        ref = reference_detector(cat, fitted, ct, res_idx) if not ct.empty else None
         if ref is None or max_examples <= 0:
             continue
         picked = pick_examples(ct[ct["detector"] == ref], max_examples)
@@ -271,11 +283,11 @@ def write_report(out_dir, max_examples: int = 4, storage: Storage | None = None)
         figure = _figure(figs, examples_figure(cat, ref, picked, run, thresholds.get(ref, math.nan)),
                          f"{cat}_examples", f"{cat} example images")
         section["examples"] = dict(reference=ref, figure=figure,
-                                   **_example_scores(picked, ct, detectors, thresholds, run))
+                                   **_example_scores(picked, ct, fitted, thresholds, run))
 
     cfg = run.read("config.yaml")
     page = render("report.html.j2", css=stylesheet("report.css"), run_name=run.name,
-                  **_header(results, categories, detectors), pivots=pivots, tuning=tuning,
+                  **_header(results, categories, fitted), pivots=pivots, tuning=tuning,
                   metrics=_metrics_table(results), pixel_protocol=PIXEL_PROTOCOL if show_protocol else None,
                   gallery=gallery, roc=roc, sections=sections,
                   config_text=cfg.decode(errors="replace") if cfg is not None else "(config.yaml not found)")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION
 from mvtec_ray.evaluation.summary import MEAN_ROW as MEAN
 
 ORACLE_LABEL = "F1-max (oracle, tuned on test labels)"
@@ -30,6 +31,7 @@ METRICS: list[tuple[str, str, str]] = [
     ("pixel_pro", "px_pro", "Pixel PRO"),
     ("pixel_f1", "px_f1", "Pixel F1 @ validation threshold"),
     ("pixel_f1_max", "px_f1max*", PIXEL_ORACLE_LABEL),
+    ("val_auroc", "val_auroc", "Validation AUROC (chooses best_on_validation)"),
     ("fit_seconds", "fit_s", "Fit (s)"),
 ]
 #: text-valued metric columns (shown as they are, not as numbers)
@@ -90,6 +92,14 @@ def short(s: str, n: int) -> str:
     return s if len(s) <= n else "…" + s[-(n - 1):]
 
 
+def detector_label(row: pd.Series) -> str:
+    """The detector cell: ``best_on_validation (patchcore)`` names the choice (a mean row only when
+    every category chose the same detector)."""
+    detector = str(row["detector"])
+    chosen = str_or_empty(row.get("chosen_detector")) if detector == BEST_ON_VALIDATION else ""
+    return f"{detector} ({chosen})" if chosen else detector
+
+
 def sorted_results(results: pd.DataFrame) -> pd.DataFrame:
     """Sorted by detector then category, the ``mean`` row last per detector."""
     df = results.copy()
@@ -101,24 +111,26 @@ def sorted_results(results: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------
 # terminal / markdown tables
 # ---------------------------------------------------------------------------
-def _table_rows(results: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str | None]]:
+def _table_rows(results: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str | None], list[str]]:
+    """Header, cells, each row's error (or None) and each row's detector (its group)."""
     header = ["category", "detector"] + [short_name for _, short_name, _ in METRICS]
     rows: list[list[str]] = []
     errors: list[str | None] = []
-    for _, r in sorted_results(results).iterrows():
-        key = [str(r["category"]), str(r["detector"])]
+    ordered = sorted_results(results)
+    for _, r in ordered.iterrows():
+        key = [str(r["category"]), detector_label(r)]
         if is_error(r):
             rows.append(key + [""] * len(METRICS))
             errors.append(f"ERROR: {err_text(r, 40)}")
         else:
             rows.append(key + [metric_text(r, col) for col, _, _ in METRICS])
             errors.append(None)
-    return header, rows, errors
+    return header, rows, errors, ordered["detector"].astype(str).tolist()
 
 
 def format_results_table(results: pd.DataFrame) -> str:
     """Aligned text table: detector then category, mean rows last, 3 decimals, NaN as ``-``."""
-    header, rows, errors = _table_rows(results)
+    header, rows, errors, groups = _table_rows(results)
     widths = [len(h) for h in header]
     for row, err in zip(rows, errors):
         for i, cell in enumerate(row[:2] if err else row):
@@ -131,10 +143,10 @@ def format_results_table(results: pd.DataFrame) -> str:
 
     out = [line(header), "  ".join("-" * w for w in widths)]
     prev_det = None
-    for row, err in zip(rows, errors):
-        if prev_det is not None and row[1] != prev_det:
+    for row, err, detector in zip(rows, errors, groups):
+        if prev_det is not None and detector != prev_det:
             out.append("")  # blank line between detectors keeps mean rows visible
-        prev_det = row[1]
+        prev_det = detector
         if err:
             out.append("  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), err]).rstrip())
         else:
@@ -145,7 +157,7 @@ def format_results_table(results: pd.DataFrame) -> str:
 
 def results_markdown(results: pd.DataFrame) -> str:
     """The same table as GitHub markdown (3 decimals, NaN as ``-``)."""
-    header, rows, errors = _table_rows(results)
+    header, rows, errors, _ = _table_rows(results)
     header = header[:2] + [long for _, _, long in METRICS]
 
     def esc(s: str) -> str:
@@ -168,7 +180,8 @@ def tuning_rows(results: pd.DataFrame) -> list[tuple[str, float, float, int, int
     categories whose chosen setting is not the default, categories."""
     if "default_image_auroc" not in results:
         return []
-    per_cat = results[results["category"].astype(str) != MEAN]
+    # the alias row is a choice between detectors, not a setting of one
+    per_cat = results[(results["category"].astype(str) != MEAN) & (results["detector"] != BEST_ON_VALIDATION)]
     out = []
     for detector, group in per_cat.groupby("detector", sort=True):
         ok = group[group["status"].astype(str) == "ok"] if "status" in group else group

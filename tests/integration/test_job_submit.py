@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 DETECTORS = ["knn", "patchcore"]
@@ -89,10 +91,10 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_head(small_dataset, tmp_pat
     results = pd.read_parquet(out / "results.parquet")
     per_cat = results[results["category"] != "mean"]
     assert sorted(zip(per_cat["category"], per_cat["detector"])) == sorted(
-        (c, d) for c in ("grid_gray", "washer") for d in DETECTORS)
+        (c, d) for c in ("grid_gray", "washer") for d in [*DETECTORS, BEST_ON_VALIDATION])
     assert (per_cat["status"] == "ok").all(), per_cat[["category", "detector", "error"]].to_string()
     assert (per_cat["backbone"] == "efficientnet_lite0").all()
-    assert sorted(results.loc[results["category"] == "mean", "detector"]) == sorted(DETECTORS)
+    assert sorted(results.loc[results["category"] == "mean", "detector"]) == sorted([*DETECTORS, BEST_ON_VALIDATION])
     assert (out / "report.html").is_file()
 
 

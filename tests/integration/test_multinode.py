@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION
 from tests.helpers.scenario_runner import HELPERS, run_scenario
 
 SCRIPT = HELPERS / "multinode_scenarios.py"
-PAIRS = sorted(f"{c}/{d}" for c in ("grid_gray", "washer") for d in ("knn", "mahalanobis", "patchcore"))
+PAIRS = sorted(f"{c}/{d}" for c in ("grid_gray", "washer")
+               for d in ("knn", "mahalanobis", "patchcore", BEST_ON_VALIDATION))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 
 from mvtec_ray.config import EvaluationConfig, load_config
 from mvtec_ray.distributed.pipeline import run_fit
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION
 from mvtec_ray.fit.cell import fit_category_detector
 from mvtec_ray.storage import Storage
 from tests.helpers.feature_store import CATEGORIES, SIZES, write_store
@@ -48,11 +49,16 @@ def test_failing_fit_is_an_error_cell_and_the_run_goes_on(table_with_failure):
 def test_table_has_every_detector_category_and_mean_rows(table_with_failure):
     results, _, _ = table_with_failure
     cells = results[results["category"] != "mean"]
+    best = cells[cells["detector"] == BEST_ON_VALIDATION]
+    cells = cells[cells["detector"] != BEST_ON_VALIDATION]
+    # one deployable choice per category, among the cells that fitted
+    assert sorted(best["category"]) == sorted(CATEGORIES)
+    assert set(best["chosen_detector"]) <= {"knn", "mahalanobis"} and (best["status"] == "ok").all()
     assert len(cells) == 6
     assert set(zip(cells["detector"], cells["category"])) == {
         (d, c) for d in ("ocsvm", "knn", "mahalanobis") for c in CATEGORIES}
     mean = results[results["category"] == "mean"].set_index("detector")
-    assert sorted(mean.index) == ["knn", "mahalanobis", "ocsvm"]
+    assert sorted(mean.index) == [BEST_ON_VALIDATION, "knn", "mahalanobis", "ocsvm"]
     for name in ("knn", "mahalanobis"):
         expected = cells.loc[cells["detector"] == name, "image_auroc"].mean()
         assert mean.loc[name, "image_auroc"] == pytest.approx(expected)
@@ -68,7 +74,7 @@ def test_each_fit_task_runs_with_cpus_per_task_threads(ray_session, store, tmp_p
                                     "detectors.names": ["knn", "autoencoder"], "detectors.cpus_per_task": cpus,
                                     "detectors.params": {"autoencoder": {"max_epochs": 2}}})
         results, _ = run_fit(store, str(tmp_path / f"c{cpus}"), config, Storage())
-        cells = results[results["category"] != "mean"]
+        cells = results[(results["category"] != "mean") & (results["detector"] != BEST_ON_VALIDATION)]
         assert (cells["status"] == "ok").all(), cells["error"].tolist()
         seen.setdefault(cpus, []).extend(cells["threads"].tolist())
     assert seen == {1: [1] * 4, 2: [2] * 2}
