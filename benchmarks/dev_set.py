@@ -14,7 +14,7 @@ Each features folder is one setting, extracted beforehand (e.g. ``mvtec-ray extr
   label-free threshold, with the oracle F1-max (tuned on the test masks) labelled as such.
 
 Prints ``<figure>/<setting>/<detector>=`` lines (``val_image_auroc``, ``val_pixel_auroc``, ``val_pro``,
-``test_image_auroc``, ``test_pixel_auroc``, ``test_pro``, ``test_px_f1``, ``test_px_f1_oracle``,
+``test_image_auroc``, ``test_image_f1`` (at the validation threshold), ``test_pixel_auroc``, ``test_pro``, ``test_px_f1``, ``test_px_f1_oracle``,
 ``fit_s``, ``score_s``, ``patch_grid``), then ``chosen/<detector>=<setting>``: the highest mean of the
 validation pixel AUROC and PRO (ties: the earlier setting, so list the cheaper first), and a markdown table.
 """
@@ -56,7 +56,8 @@ def main() -> None:
             val_pixels = evaluate_pixels(fit.val_maps, fit.val_masks)
             figures = {"val_image_auroc": roc_auc_score(val["label"], val["score"]),
                        "val_pixel_auroc": val_pixels["pixel_auroc"], "val_pro": val_pixels["pixel_pro"],
-                       "test_image_auroc": row["image_auroc"], "test_pixel_auroc": row["pixel_auroc"],
+                       "test_image_auroc": row["image_auroc"], "test_image_f1": row["image_f1"],
+                       "test_pixel_auroc": row["pixel_auroc"],
                        "test_pro": row["pixel_pro"], "test_px_f1": row["pixel_f1"],
                        "test_px_f1_oracle": pixel_f1_max(fit.test_maps, fit.test_masks),
                        "fit_s": row["fit_seconds"], "score_s": row.get("score_seconds", float("nan"))}

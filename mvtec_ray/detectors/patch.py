@@ -24,8 +24,8 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from mvtec_ray.detectors.base import Detector, load_arrays, save_arrays
-from mvtec_ray.detectors.chunks import budget_bytes, iter_budget_chunks, iter_chunks
-from mvtec_ray.detectors.coreset import resolve_torch_device, select_coreset
+from mvtec_ray.detectors.chunks import budget_bytes, iter_budget_chunks, iter_chunks, iter_raw_chunks
+from mvtec_ray.detectors.coreset import gather_rows, n_images_hint, resolve_torch_device, select_coreset
 from mvtec_ray.detectors.registry import register
 from mvtec_ray.detectors.torch_heads import bank_tensor, mean_nearest_distance
 from mvtec_ray.errors import UserError
@@ -135,6 +135,104 @@ def _faiss_gpu_count() -> int:
         return 0
 
 
+def _ivf_list(index: Any, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors ``(n, d)`` float32 and ids of one inverted list, read in place where the
+    storage allows (raw float32, or raw float16 decoded)."""
+    lists = index.invlists
+    n = int(lists.list_size(list_no))
+    ids = faiss.rev_swig_ptr(lists.get_ids(list_no), n).copy() if n else np.zeros(0, np.int64)
+    if not n:
+        return np.zeros((0, index.d), np.float32), ids
+    codes = faiss.rev_swig_ptr(lists.get_codes(list_no), n * index.code_size)
+    if isinstance(index, faiss.IndexIVFFlat):
+        return codes.view(np.float32).reshape(n, index.d), ids
+    if (isinstance(index, faiss.IndexIVFScalarQuantizer) and not index.by_residual
+            and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16):
+        return codes.view(np.float16).reshape(n, index.d).astype(np.float32), ids
+    return index.reconstruct_batch(ids), ids  # any other IVF storage: decoded through faiss
+
+
+def ivf_exact_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN (squared L2, ids) of ``queries`` over *every* list of an IVF ``index``.
+
+    List by list with faiss's brute-force search (BLAS for more than a few queries), merged in a
+    heap: the bank is read once per call and never copied whole, unlike probing all lists.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(queries), k)
+    if len(queries):
+        for list_no in range(index.nlist):
+            vectors, ids = _ivf_list(index, list_no)
+            if len(ids):
+                D, local = faiss.knn(queries, vectors, min(k, len(ids)))
+                heap.add_result(D, ids[local])
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def refine_image_maxima(bounds: np.ndarray, exact_scores: Any, first_step: int = 2) -> tuple[np.ndarray, int]:
+    """Each row's exact maximum from upper bounds, re-checking as few entries as the bounds allow.
+
+    ``bounds`` ``(m, P)``: an upper bound of each patch score (an IVF search's distances: the
+    neighbours it finds are bank rows, so no nearer than the true ones). ``exact_scores(flat_ids)``
+    returns the exact scores of entries ``flat_ids`` (indices into ``bounds.ravel()``). Per row,
+    entries are re-checked in decreasing bound order until the next bound is no more than the
+    largest exact score found: no entry left can exceed it. Re-checked entries of ``bounds`` are
+    overwritten with their exact scores (in place). Returns (column of each row's maximum, entries
+    re-checked).
+    """
+    m, P = bounds.shape
+    order = np.argsort(-bounds, axis=1, kind="stable")
+    sorted_bounds = np.take_along_axis(bounds, order, axis=1)  # the original bounds, decreasing
+    best = np.full(m, -np.inf)
+    best_col = order[:, 0].copy()
+    done = np.zeros(m, np.int64)
+    active = np.arange(m)
+    step, checked = max(1, int(first_step)), 0
+    while active.size:
+        pos = done[active, None] + np.arange(step)[None, :]
+        valid = pos < P
+        pos = np.minimum(pos, P - 1)
+        rows = np.broadcast_to(active[:, None], pos.shape)
+        valid &= sorted_bounds[rows, pos] > best[active, None]
+        r, c = rows[valid], order[rows[valid], pos[valid]]
+        exact = np.asarray(exact_scores(r * P + c), dtype=bounds.dtype)
+        checked += len(r)
+        bounds[r, c] = exact
+        # the largest exact score per row among this round's entries
+        gain = np.full(m, -np.inf)
+        np.maximum.at(gain, r, exact.astype(np.float64))
+        better = gain > best
+        if better.any():
+            hit = exact.astype(np.float64) >= gain[r]
+            best_col[r[hit & better[r]]] = c[hit & better[r]]
+        best = np.maximum(best, gain)
+        done[active] += step
+        left = done[active] < P
+        active = active[left]
+        active = active[sorted_bounds[active, done[active]] > best[active]]
+        step *= 2  # few rows need more; doubling keeps the rounds logarithmic
+    return best_col, checked
+
+
+def _float16_exact(bank: np.ndarray) -> bool:
+    """Whether float16 holds every value of ``bank`` exactly (the feature store's patches do)."""
+    step = max(1, (16 << 20) // max(1, bank.shape[1] * 4))  # ~16 MiB of rows at a time
+    with np.errstate(over="ignore"):
+        return all(np.array_equal(bank[sl].astype(np.float16).astype(np.float32), bank[sl])
+                   for sl in iter_chunks(len(bank), step))
+
+
+def _count_patches(X: Any) -> int:
+    """Patches in ``X`` (maps ``(n, H, W, C)`` or a chunk source): from its size when known."""
+    hint = n_images_hint(X)
+    for chunk in iter_raw_chunks(X):
+        if hint is not None:
+            return hint * chunk.shape[1] * chunk.shape[2]
+        break
+    return sum(c.shape[0] * c.shape[1] * c.shape[2] for c in iter_raw_chunks(X))
+
+
 @register
 class PatchCore(_PatchDetector):
     """PatchCore (Roth et al., 2022): greedy coreset of normal patches + nearest-neighbour distance.
@@ -142,9 +240,25 @@ class PatchCore(_PatchDetector):
     Patch score: mean L2 distance to the ``k`` nearest memory-bank patches (k=1 is the
     paper). Image score: max patch score, optionally reweighted as in the paper by how
     isolated the nearest bank patch is (``reweight``, over ``reweight_neighbors``).
+
+    Search: exact (``IndexFlatL2``) for small banks, IVF from ``ivf_min_bank`` rows (``index``).
+    With IVF the patch scores are upper bounds (the neighbours found are bank rows), and each
+    image's maximum is re-checked exactly (:func:`refine_image_maxima`), so the image scores,
+    and so image AUROC, equal exact search's whatever ``nprobe``; ``nprobe`` then sets only how
+    close the maps' patch scores are and the cost. ``nprobe: "auto"`` picks it at fit time by
+    measured accuracy (:meth:`_choose_nprobe`): the fewest lists, up to ``nprobe_max``, for which
+    ``nprobe_target`` of held-out patches, and of the hardest tenth of them, get a patch score
+    within ``NPROBE_TOLERANCE`` of the exact one.
     """
 
     name = "patchcore"
+    #: relative patch-score error that counts as right when choosing ``nprobe`` (relative to the
+    #: median exact score for patches nearer than it: rounding dominates near-duplicates)
+    NPROBE_TOLERANCE = 0.01
+    #: held-out patches the choice is measured on, and the share of them (largest exact score)
+    #: that must meet the target too: the far patches make the image maxima
+    NPROBE_QUERIES = 4000
+    NPROBE_HARD_FRACTION = 0.1
 
     @classmethod
     def default_params(cls) -> dict[str, Any]:
@@ -157,9 +271,11 @@ class PatchCore(_PatchDetector):
             "reweight_neighbors": 9,     # b in the paper's reweighting
             # "auto": exact below ivf_min_bank bank rows, IVF above; "flat" (exact) or "ivf"
             "index": "auto",
-            "ivf_min_bank": 100_000,
+            "ivf_min_bank": 20_000,
             "nlist": 0,                  # IVF lists; 0 = about sqrt(bank size)
-            "nprobe": 8,
+            "nprobe": "auto",            # IVF lists searched per patch: "auto" (chosen at fit) or an int
+            "nprobe_target": 0.99,       # "auto": share of held-out patches scored within 1% of exact
+            "nprobe_max": 8,             # "auto" never searches more lists (bounds the scoring cost)
             "memory_budget_mb": 1024,
             "smoothing_sigma": 4.0,      # in input-image pixels (PatchCore / anomalib: 4 at 224 px)
             "use_gpu": "auto",
@@ -180,6 +296,10 @@ class PatchCore(_PatchDetector):
             raise ValueError("patchcore: coreset_shard_patches must be >= 0 and coreset_oversample >= 1")
         if int(p["k"]) < 1 or int(p["reweight_neighbors"]) < 1:
             raise ValueError("patchcore: k and reweight_neighbors must be >= 1")
+        if p["nprobe"] != "auto" and (isinstance(p["nprobe"], (bool, str)) or int(p["nprobe"]) < 1):
+            raise ValueError(f"patchcore: nprobe must be 'auto' or an int >= 1, got {p['nprobe']!r}")
+        if not 0 < float(p["nprobe_target"]) <= 1 or int(p["nprobe_max"]) < 1:
+            raise ValueError("patchcore: nprobe_target must be in (0, 1] and nprobe_max >= 1")
         resolve_torch_device(p["use_gpu"])  # validates the value
         self.grid_: tuple[int, int, int] | None = None
         self.coreset_indices_: np.ndarray | None = None
@@ -201,10 +321,20 @@ class PatchCore(_PatchDetector):
                              shard_patches=int(p["coreset_shard_patches"]),
                              oversample=float(p["coreset_oversample"]), runner=self._shard_runner())
         t0 = time.perf_counter()
-        self._set_index(self._build_index(res.bank))
+        index = self._build_index(res.bank)
         stats = dict(res.stats)
         stats["index_seconds"] = time.perf_counter() - t0
-        stats["index"] = "ivf" if isinstance(self._index, faiss.IndexIVF) else "flat"
+        stats["index"] = "ivf" if isinstance(index, faiss.IndexIVF) else "flat"
+        if isinstance(index, faiss.IndexIVF):
+            stats["nlist"] = int(index.nlist)
+            stats["ivf_storage"] = "float32" if isinstance(index, faiss.IndexIVFFlat) else "float16"
+            if p["nprobe"] == "auto":
+                t0 = time.perf_counter()
+                queries, source = self._held_out_patches(X, X_val, res)
+                stats.update(self._choose_nprobe(index, res.bank, queries), nprobe_queries_from=source,
+                             nprobe_seconds=time.perf_counter() - t0)
+            else:
+                stats["nprobe"] = max(1, min(int(p["nprobe"]), index.nlist))
         stats["largest_array_bytes"] = max(stats["projected_peak_bytes"],
                                            stats["max_chunk_bytes"], stats["bank_bytes"])
         stats["peak_rss_mb"] = _peak_rss_mb()
@@ -213,7 +343,53 @@ class PatchCore(_PatchDetector):
         self.grid_ = res.grid
         self.coreset_indices_ = res.indices
         self.fit_stats_ = stats
+        self._set_index(index)
         return self
+
+    def _held_out_patches(self, X: Any, X_val: Any, res: Any) -> tuple[np.ndarray, str]:
+        """Up to ``NPROBE_QUERIES`` patches, float32 ``(n, C)``, not in the bank, drawn with the seed:
+        from ``X_val`` when given (held-out normals), else training patches outside the coreset."""
+        rng = np.random.default_rng(int(self.params["seed"]))
+        max_bytes = budget_bytes(self.params["memory_budget_mb"])
+        channels = res.grid[2]
+        if X_val is not None:
+            source, data = "X_val", X_val
+            pool = np.arange(_count_patches(X_val))
+        else:
+            source, data = "train_not_in_coreset", X
+            outside = np.ones(int(res.stats["n_patches"]), bool)
+            outside[res.indices] = False
+            pool = np.flatnonzero(outside)
+        picked = np.sort(rng.choice(pool, min(self.NPROBE_QUERIES, len(pool)), replace=False))
+        if not len(picked):
+            return np.zeros((0, channels), np.float32), source
+        return gather_rows(data, picked, channels, max_bytes), source
+
+    def _choose_nprobe(self, index: Any, bank: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
+        """The fewest IVF lists (1, 2, 4, ... up to ``nprobe_max``) for which ``nprobe_target`` of
+        ``queries``, and of their hardest tenth (largest exact score), get a patch score within
+        ``NPROBE_TOLERANCE`` of the exact one; ``nprobe_max`` if none does. Returns fit stats."""
+        p = self.params
+        target, cap = float(p["nprobe_target"]), max(1, min(int(p["nprobe_max"]), index.nlist))
+        if not len(queries):
+            return {"nprobe": cap, "nprobe_recall": float("nan"), "nprobe_recall_hard": float("nan"),
+                    "nprobe_target_met": False, "nprobe_queries": 0, "nprobe_tried": {}}
+        k = min(int(p["k"]), len(bank))
+        exact = np.sqrt(np.maximum(faiss.knn(queries, bank, k)[0], 0.0)).mean(1)
+        allowed = self.NPROBE_TOLERANCE * np.maximum(exact, np.median(exact))
+        hard = exact >= np.quantile(exact, 1.0 - self.NPROBE_HARD_FRACTION)
+        tried: dict[str, list[float]] = {}
+        candidates = sorted({min(2 ** i, cap) for i in range(cap.bit_length() + 1)})
+        for nprobe in candidates:
+            D, _ = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+            within = np.sqrt(np.maximum(D, 0.0)).mean(1) - exact <= allowed
+            recall, recall_hard = float(within.mean()), float(within[hard].mean())
+            tried[str(nprobe)] = [round(recall, 4), round(recall_hard, 4)]
+            if recall >= target and recall_hard >= target:
+                break
+        return {"nprobe": int(nprobe), "nprobe_recall": recall, "nprobe_recall_hard": recall_hard,
+                "nprobe_target_met": bool(recall >= target and recall_hard >= target),
+                "nprobe_queries": int(len(queries)), "nprobe_tried": tried}
 
     #: runs the coreset's shard greedies when ``coreset_ray_tasks`` is on: injected by the caller
     #: (the Ray fit task gives a runner that makes each shard a Ray task); None runs them here
@@ -243,15 +419,28 @@ class PatchCore(_PatchDetector):
             nlist = int(self.params["nlist"]) or int(round(math.sqrt(n)))
             nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants >= 39 points per list
             quantizer = faiss.IndexFlatL2(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
+            if _float16_exact(bank):
+                # the feature store's float16 values: stored as they are, half the bytes each
+                # search reads, same distances (raw vectors, not residuals)
+                index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                                      faiss.METRIC_L2, False)
+            else:
+                index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
             index.referenced_objects = [quantizer]  # keep the quantizer alive with the index
             index.train(bank)
         index.add(bank)
         return index
 
+    def _nprobe(self, index: Any) -> int:
+        """IVF lists searched per patch: the ``nprobe`` given, or the one chosen at fit ("auto")."""
+        nprobe = self.params["nprobe"]
+        if nprobe == "auto":
+            nprobe = self.fit_stats_.get("nprobe", self.params["nprobe_max"])
+        return max(1, min(int(nprobe), index.nlist))
+
     def _set_index(self, index: Any) -> None:
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = max(1, min(int(self.params["nprobe"]), index.nlist))
+            index.nprobe = self._nprobe(index)
             index.make_direct_map()  # reconstruct() for reweighting
         self._index = index
         self._search_index = index
@@ -271,6 +460,17 @@ class PatchCore(_PatchDetector):
         ids = np.asarray(ids, dtype=np.int64).ravel()
         return self._index.reconstruct_batch(ids)
 
+    @property
+    def _approximate(self) -> bool:
+        """IVF searching fewer than all its lists (all of them: every distance is exact)."""
+        return isinstance(self._index, faiss.IndexIVF) and self._index.nprobe < self._index.nlist
+
+    def _exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN (squared L2, ids) whatever the index."""
+        if self._approximate:
+            return ivf_exact_search(self._index, queries, k)
+        return self._search_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
     # -- scoring -------------------------------------------------------------
     def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
@@ -278,6 +478,8 @@ class PatchCore(_PatchDetector):
         k = min(int(p["k"]), self.bank_size)
         patch_parts: list[np.ndarray] = []
         image_parts: list[np.ndarray] = []
+        #: patches searched and (IVF) re-checked exactly by the last call
+        self.search_stats_ = {"patches": 0, "rechecked": 0}
         # float32 chunk + faiss distance tables: keep each chunk at a third of the budget
         for chunk in iter_budget_chunks(X, budget_bytes(p["memory_budget_mb"]), bytes_per_value=12):
             m, H, W, C = chunk.shape
@@ -286,8 +488,12 @@ class PatchCore(_PatchDetector):
             flat = chunk.reshape(-1, C)
             D, I = self._search_index.search(flat, k)
             dist = np.sqrt(np.maximum(D, 0.0))
+            self.search_stats_["patches"] += len(flat)
+            if self._approximate:
+                best = self._exact_maxima(flat, dist, I, m)
+            else:
+                best = dist.mean(1).reshape(m, H * W).argmax(1)
             patch = dist.mean(1).reshape(m, H * W).astype(np.float32)
-            best = patch.argmax(1)
             image = patch[np.arange(m), best].astype(np.float64)
             if p["reweight"]:
                 rows = np.arange(m) * H * W + best
@@ -298,11 +504,29 @@ class PatchCore(_PatchDetector):
             raise ValueError("patchcore: nothing to score (empty input)")
         return np.concatenate(patch_parts), np.concatenate(image_parts)
 
+    def _exact_maxima(self, flat: np.ndarray, dist: np.ndarray, I: np.ndarray, m: int) -> np.ndarray:
+        """IVF: each image's exact maximum patch (its column), from the search's upper bounds.
+        Re-checked patches get their exact distances and neighbours in ``dist`` / ``I`` (in place)."""
+        k = dist.shape[1]
+
+        def recheck(rows: np.ndarray) -> np.ndarray:
+            D, ids = self._exact_search(flat[rows], k)
+            dist[rows], I[rows] = np.sqrt(np.maximum(D, 0.0)), ids
+            return dist[rows].mean(1)
+
+        short = np.flatnonzero((I < 0).any(1))  # the lists searched held fewer than k rows
+        if len(short):
+            recheck(short)
+        bounds = dist.mean(1).reshape(m, -1).astype(np.float32)
+        best, rechecked = refine_image_maxima(bounds, recheck)
+        self.search_stats_["rechecked"] += rechecked + len(short)
+        return best
+
     def _reweight(self, feats: np.ndarray, d_star: np.ndarray, m_star: np.ndarray) -> np.ndarray:
         """Paper eq. 7: w = 1 - exp(d*) / sum_{m in N_b(m*)} exp(|f - m|), N_b includes m*."""
         b = min(int(self.params["reweight_neighbors"]), self.bank_size)
         centres = self._bank_rows(m_star)
-        _, nbr = self._search_index.search(centres, b)  # neighbours of m* in the bank
+        _, nbr = self._exact_search(centres, b)  # neighbours of m* in the bank
         valid = (nbr >= 0) & (nbr != m_star[:, None])   # m* itself is added explicitly below
         ids = np.where(valid, nbr, 0)
         others = self._bank_rows(ids).reshape(len(feats), b, -1)
@@ -325,8 +549,8 @@ class PatchCore(_PatchDetector):
         arrays = load_arrays(directory / "state.npz")
         self.grid_ = tuple(int(v) for v in arrays["grid"])  # type: ignore[assignment]
         self.coreset_indices_ = arrays["coreset_indices"]
+        self._load_stats(directory)  # first: holds the nprobe chosen at fit ("auto")
         self._set_index(faiss.read_index(str(directory / "memory_bank.faiss")))
-        self._load_stats(directory)
 
     # -- export ----------------------------------------------------------------
     def torch_head(self) -> nn.Module:

@@ -46,8 +46,8 @@ BUILTIN: tuple[DetectorInfo, ...] = (
                   "smoothing_sigma", "use_gpu")),
     DetectorInfo("patchcore", "patches", 200.0, "patch",
                  ("coreset_ratio", "projection_dim", "seed", "k", "reweight", "reweight_neighbors", "index",
-                  "ivf_min_bank", "nlist", "nprobe", "memory_budget_mb", "smoothing_sigma", "use_gpu",
-                  "coreset_threads", "coreset_shard_patches", "coreset_oversample", "coreset_ray_tasks",
+                  "ivf_min_bank", "nlist", "nprobe", "nprobe_target", "nprobe_max", "memory_budget_mb",
+                  "smoothing_sigma", "use_gpu", "coreset_threads", "coreset_shard_patches", "coreset_oversample", "coreset_ray_tasks",
                   "coreset_task_gpus")),
 )
 BUILTIN_INPUT_KINDS: dict[str, str] = {d.name: d.input_kind for d in BUILTIN}
