@@ -224,13 +224,15 @@ def _float16_exact(bank: np.ndarray) -> bool:
 
 
 def _count_patches(X: Any) -> int:
-    """Patches in ``X`` (maps ``(n, H, W, C)`` or a chunk source): from its size when known."""
-    hint = n_images_hint(X)
+    """Patches in ``X`` (maps ``(n, H, W, C)`` or a chunk source), without a pass when its image
+    count is known."""
+    hint, total = n_images_hint(X), 0
     for chunk in iter_raw_chunks(X):
+        per_image = chunk.shape[1] * chunk.shape[2]
         if hint is not None:
-            return hint * chunk.shape[1] * chunk.shape[2]
-        break
-    return sum(c.shape[0] * c.shape[1] * c.shape[2] for c in iter_raw_chunks(X))
+            return hint * per_image
+        total += len(chunk) * per_image
+    return total
 
 
 @register
@@ -307,6 +309,8 @@ class PatchCore(_PatchDetector):
         self._index: Any = None          # CPU faiss index (persisted)
         self._search_index: Any = None   # same, or a GPU copy
         self._gpu_res: Any = None
+        #: patches the last scoring call searched, and (IVF) re-checked exactly
+        self.search_stats_: dict[str, int] = {}
 
     # -- fitting -------------------------------------------------------------
     def fit(self, X: Any, X_val: Any = None) -> PatchCore:
@@ -372,7 +376,7 @@ class PatchCore(_PatchDetector):
         p = self.params
         target, cap = float(p["nprobe_target"]), max(1, min(int(p["nprobe_max"]), index.nlist))
         if not len(queries):
-            return {"nprobe": cap, "nprobe_recall": float("nan"), "nprobe_recall_hard": float("nan"),
+            return {"nprobe": cap, "nprobe_recall": None, "nprobe_recall_hard": None,
                     "nprobe_target_met": False, "nprobe_queries": 0, "nprobe_tried": {}}
         k = min(int(p["k"]), len(bank))
         exact = np.sqrt(np.maximum(faiss.knn(queries, bank, k)[0], 0.0)).mean(1)
@@ -478,7 +482,6 @@ class PatchCore(_PatchDetector):
         k = min(int(p["k"]), self.bank_size)
         patch_parts: list[np.ndarray] = []
         image_parts: list[np.ndarray] = []
-        #: patches searched and (IVF) re-checked exactly by the last call
         self.search_stats_ = {"patches": 0, "rechecked": 0}
         # float32 chunk + faiss distance tables: keep each chunk at a third of the budget
         for chunk in iter_budget_chunks(X, budget_bytes(p["memory_budget_mb"]), bytes_per_value=12):

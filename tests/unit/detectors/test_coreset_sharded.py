@@ -102,8 +102,8 @@ def test_patchcore_sharded_detects(data, shard):  # noqa: F811
 
 def test_index_switches_to_ivf_above_the_threshold(data, tmp_path):  # noqa: F811
     train, test, labels, _ = data
-    exact = PatchCore(projection_dim=8, coreset_ratio=0.5).fit(train)   # bank 960 < 100k
-    assert exact.fit_stats_["index"] == "flat" and exact.index_kind(99_999) == "flat"
+    exact = PatchCore(projection_dim=8, coreset_ratio=0.5).fit(train)   # bank 960 < ivf_min_bank
+    assert exact.fit_stats_["index"] == "flat" and exact.index_kind(exact.params["ivf_min_bank"] - 1) == "flat"
     ivf = PatchCore(projection_dim=8, coreset_ratio=0.5, ivf_min_bank=500, nprobe=4).fit(train)
     assert ivf.fit_stats_["index"] == "ivf" and ivf.index_kind(500) == "ivf"
     np.testing.assert_array_equal(exact.coreset_indices_, ivf.coreset_indices_)
