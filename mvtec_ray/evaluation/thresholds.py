@@ -30,7 +30,9 @@ def as_labels(labels, n: int, name: str = "labels") -> np.ndarray:
     arr = np.asarray(labels).reshape(-1)
     if arr.size != n:
         raise ValueError(f"{name} has {arr.size} entries but there are {n} scores")
-    if arr.size and not np.isin(arr, (0, 1)).all():
+    # integers and booleans: the range says it (isin over millions of pixel labels costs ~0.5 s)
+    exact = arr.dtype.kind in "biu" and (not arr.size or (arr.min() >= 0 and arr.max() <= 1))
+    if arr.size and not exact and not np.isin(arr, (0, 1)).all():
         bad = np.unique(arr[~np.isin(arr, (0, 1))])[:5]
         raise ValueError(f"{name} must be 0 (good) or 1 (anomaly); found e.g. {bad.tolist()}")
     return arr.astype(np.int8)
@@ -53,26 +55,34 @@ def best_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     same decisions on these scores while tolerating tiny numeric differences
     elsewhere; if the chosen score is the lowest one, it is returned as is.
     Requires at least one positive label.
+
+    Only positive scores are evaluated as candidates: a candidate between two
+    positive scores has the true positives of the next higher one and at least
+    its false positives, so it never wins (and loses ties, which go higher).
+    The positives and the negatives are sorted apart and counted by binary
+    search, which for millions of pixels is several times cheaper than one
+    stable argsort of everything.
     """
-    n_pos = int(labels.sum())
-    order = np.argsort(-scores, kind="stable")
-    s = scores[order]
-    y = labels[order]
-    tp = np.cumsum(y, dtype=np.int64)
-    fp = np.arange(1, s.size + 1, dtype=np.int64) - tp
-    # last index of each run of equal scores: counts of "score >= value"
-    last = np.r_[s[1:] != s[:-1], True]
-    values, tp, fp = s[last], tp[last], fp[last]
+    labels = np.asarray(labels).astype(bool, copy=False)
+    positive = np.sort(scores[labels])
+    negative = np.sort(scores[~labels])
+    n_pos = positive.size
+    values = np.unique(positive)[::-1]                      # distinct positive scores, descending
+    tp = n_pos - np.searchsorted(positive, values, side="left")
+    fp = negative.size - np.searchsorted(negative, values, side="left")
     # integer numerator/denominator -> equal rationals give bit-identical floats
     f1 = (2 * tp) / (tp + fp + n_pos)
     best = int(np.argmax(f1))  # first maximum = highest threshold (values descend)
-    if best + 1 < values.size:
-        thr = 0.5 * (values[best] + values[best + 1])
+    value = values[best]
+    below = [part[i - 1] for part in (positive, negative)
+             if (i := int(np.searchsorted(part, value, side="left"))) > 0]
+    thr = value
+    if below:
+        lower = max(below)
+        thr = 0.5 * (value + lower)
         # midpoint can round onto the lower score when they are adjacent floats
-        if not thr > values[best + 1]:
-            thr = values[best]
-    else:
-        thr = values[best]
+        if not thr > lower:
+            thr = value
     return float(f1[best]), float(thr)
 
 
