@@ -309,6 +309,7 @@ class PatchCore(_PatchDetector):
         self._index: Any = None          # CPU faiss index (persisted)
         self._search_index: Any = None   # same, or a GPU copy
         self._gpu_res: Any = None
+        self._exact_bank: tuple[np.ndarray, np.ndarray] | None = None  # IVF bank decoded for re-checks
         #: patches the last scoring call searched, and (IVF) re-checked exactly
         self.search_stats_: dict[str, int] = {}
 
@@ -448,6 +449,7 @@ class PatchCore(_PatchDetector):
             index.make_direct_map()  # reconstruct() for reweighting
         self._index = index
         self._search_index = index
+        self._exact_bank = None
         want = self.params["use_gpu"]
         if want and _faiss_gpu_count() > 0:
             self._gpu_res = faiss.StandardGpuResources()
@@ -471,9 +473,28 @@ class PatchCore(_PatchDetector):
 
     def _exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact k-NN (squared L2, ids) whatever the index."""
-        if self._approximate:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not self._approximate:
+            return self._search_index.search(queries, k)
+        bank = self._decoded_bank()
+        if bank is None:
             return ivf_exact_search(self._index, queries, k)
-        return self._search_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        vectors, ids = bank
+        D, local = faiss.knn(queries, vectors, min(k, len(ids)))
+        return D, np.where(local >= 0, ids[np.maximum(local, 0)], -1)
+
+    def _decoded_bank(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The IVF bank as one float32 matrix and its ids, decoded once for the exact re-checks when
+        a quarter of ``memory_budget_mb`` holds it (the re-checks come a few queries at a time, and
+        decoding every list again for each costs more than the search); None above that."""
+        if getattr(self, "_exact_bank", None) is None:
+            index = self._index
+            if index.ntotal * index.d * 4 > budget_bytes(self.params["memory_budget_mb"]) // 4:
+                return None
+            parts = [_ivf_list(index, list_no) for list_no in range(index.nlist)]
+            vectors = np.ascontiguousarray(np.concatenate([v for v, _ in parts]), dtype=np.float32)
+            self._exact_bank = (vectors, np.concatenate([i for _, i in parts]))
+        return self._exact_bank
 
     # -- scoring -------------------------------------------------------------
     def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
