@@ -23,8 +23,6 @@ from __future__ import annotations
 import common  # first: the benchmarks' shared start (sys.path, Ray's environment)
 from measure import emit
 
-VALIDATION = ("val_good", "val_synthetic")
-
 
 def main() -> None:
     parser = common.parser(__doc__)
@@ -35,9 +33,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from captured_fit import fit_keeping_maps
-    from sklearn.metrics import roc_auc_score
 
     from mvtec_ray.evaluation.pixel_metrics import evaluate_pixels, pixel_f1_max
+    from mvtec_ray.evaluation.selection import validation_metrics
     from mvtec_ray.features.store import FeatureSet
     from mvtec_ray.storage import Storage
 
@@ -51,10 +49,10 @@ def main() -> None:
         grid = features.metadata().get("patch_shape", ["?"])[0]
         for detector in args.detectors.split(","):
             fit = fit_keeping_maps(features, category, detector, storage, args.threads)
-            row, scores = fit.outcome.row, fit.outcome.scores
-            val = scores[scores["split"].isin(VALIDATION)]
+            row = fit.outcome.row
+            val_image = validation_metrics(fit.outcome.scores)["val_auroc"].iloc[0]
             val_pixels = evaluate_pixels(fit.val_maps, fit.val_masks)
-            figures = {"val_image_auroc": roc_auc_score(val["label"], val["score"]),
+            figures = {"val_image_auroc": float(val_image),
                        "val_pixel_auroc": val_pixels["pixel_auroc"], "val_pro": val_pixels["pixel_pro"],
                        "test_image_auroc": row["image_auroc"], "test_image_f1": row["image_f1"],
                        "test_pixel_auroc": row["pixel_auroc"],

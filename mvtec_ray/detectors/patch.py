@@ -487,7 +487,7 @@ class PatchCore(_PatchDetector):
         """The IVF bank as one float32 matrix and its ids, decoded once for the exact re-checks when
         a quarter of ``memory_budget_mb`` holds it (the re-checks come a few queries at a time, and
         decoding every list again for each costs more than the search); None above that."""
-        if getattr(self, "_exact_bank", None) is None:
+        if self._exact_bank is None:
             index = self._index
             if index.ntotal * index.d * 4 > budget_bytes(self.params["memory_budget_mb"]) // 4:
                 return None
