@@ -57,7 +57,7 @@ evaluation:
   normal_quantile: 0.99
   pixel_eval: full                   # full (ground-truth resolution) | reduced (pixel_eval_size square)
   pixel_eval_size: 128               # saved / scored map size, and the size of "reduced"
-  overlays: true                     # OUT/overlays/<detector>/*.png
+  overlays: true                     # OUT/overlays/<detector>/*.jpg (overlay_format: jpeg | png)
 ray:
   address: auto
 s3:

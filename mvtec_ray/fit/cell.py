@@ -211,11 +211,11 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
                     files["pred_mask_file"][i] = _save_predicted_mask(storage, out_uri, detector_name, image_id,
                                                                       part_maps[i] >= pixel_threshold.value)
         if out_uri and evaluation.overlays and pixel_threshold is not None:
-            from mvtec_ray.report.overlays import overlay_name
+            from mvtec_ray.report.overlays import SUFFIXES, overlay_name
             for i, image_id in enumerate(part["image_id"]):
                 if len(maps) + i in left_out:
                     continue
-                files["overlay_file"][i] = overlay_name(detector_name, image_id)
+                files["overlay_file"][i] = overlay_name(detector_name, image_id, SUFFIXES[evaluation.overlay_format])
                 overlay_jobs.append((len(maps) + i, part["source_uri"][i], files["overlay_file"][i],
                                      f"{image_id}  score {scores[i]:.4g}  (pixel threshold {pixel_threshold.value:.4g})"))
         maps += part_maps
@@ -241,8 +241,10 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     if pixel_threshold is not None:
         row.update(pixel_threshold=pixel_threshold.value, pixel_threshold_rule=pixel_threshold.rule)
         if overlay_jobs:
+            overlays_started = time.perf_counter()
             problems += _write_overlays(storage, out_uri, overlay_jobs, maps, truths, pixel_threshold.value,
-                                        normal_range, input_size, metadata.get("resize_to"))
+                                        normal_range, input_size, metadata.get("resize_to"), evaluation.overlay_format)
+            row["overlay_seconds"] = time.perf_counter() - overlays_started  # a part of score_seconds
     if problems:
         row["problems"] = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
     row["score_seconds"] = time.perf_counter() - started
@@ -265,7 +267,8 @@ def _normal_range(val_maps: list[np.ndarray], val_masks: list[np.ndarray]) -> tu
 
 
 def _write_overlays(storage: Storage, out_uri: str, jobs: list, maps: list, truths: list, threshold: float,
-                    colour_range: tuple[float, float], input_size: int, resize_to: int | None) -> list[str]:
+                    colour_range: tuple[float, float], input_size: int, resize_to: int | None,
+                    image_format: str) -> list[str]:
     """Write each overlay; return a problem per image that could not be read (its overlay is skipped)."""
     from mvtec_ray.data.images import DecodeError, decode_image
     from mvtec_ray.report.overlays import render_overlay
@@ -281,8 +284,8 @@ def _write_overlays(storage: Storage, out_uri: str, jobs: list, maps: list, trut
             log.warning("overlay of %s skipped: %s", source_uri, exc)
             problems.append(f"overlay of {source_uri} skipped: {exc}")
             continue
-        png = render_overlay(image, truths[index], maps[index], threshold, low, high, caption)
-        storage.write_bytes(join(out_uri, relative), png)
+        encoded = render_overlay(image, truths[index], maps[index], threshold, low, high, caption, image_format)
+        storage.write_bytes(join(out_uri, relative), encoded)
     return problems
 
 

@@ -186,10 +186,32 @@ def test_predicted_masks_and_overlays_for_every_test_image(pixel_store, tmp_path
     for _, row in test.iterrows():
         overlay = Image.open(tmp_path / row["overlay_file"])
         assert row["overlay_file"].startswith(f"overlays/{detector}/")
-        assert overlay.format == "PNG" and overlay.width == 4 * INPUT + 3 * 4  # four panels
+        assert overlay.format == "JPEG" and row["overlay_file"].endswith(".jpg")  # the default format
+        assert overlay.width == 4 * INPUT + 3 * 4  # four panels
         predicted = Image.open(tmp_path / row["pred_mask_file"])
         assert predicted.size == (SOURCE, SOURCE)  # the ground truth's full resolution
     results = pd.DataFrame([outcome.row])
     gallery = write_overlay_gallery(tmp_path, test.assign(threshold=outcome.row["threshold"]), results)
     page = (tmp_path / gallery).read_text()
     assert all(f.split("/", 1)[1] in page for f in test["overlay_file"])
+    assert outcome.row["overlay_seconds"] > 0
+
+
+def test_png_overlays_on_request_show_the_same_panels(pixel_store, tmp_path):
+    jpeg = _fit(pixel_store, tmp_path / "jpeg")
+    png = _fit(pixel_store, tmp_path / "png", overlay_format="png")
+    jpeg_files = jpeg.scores.loc[jpeg.scores["split"] == "test", "overlay_file"]
+    png_files = png.scores.loc[png.scores["split"] == "test", "overlay_file"]
+    assert all(f.endswith(".png") for f in png_files)
+    assert [f[:-4] for f in png_files] == [f[:-4] for f in jpeg_files]  # one name, another suffix
+    def pixels(path):
+        return np.asarray(Image.open(path).convert("RGB"), np.float32)
+    other = pixels(tmp_path / "png" / png_files.iloc[-1])
+    for jpeg_file, png_file in list(zip(jpeg_files, png_files))[:-1]:
+        lossless, lossy = pixels(tmp_path / "png" / png_file), pixels(tmp_path / "jpeg" / jpeg_file)
+        assert Image.open(tmp_path / "png" / png_file).format == "PNG"
+        assert lossless.shape == lossy.shape
+        # the same picture within JPEG's error (the store's images are noise, JPEG's worst case), far
+        # nearer to its own PNG than to another image's
+        error = np.abs(lossless - lossy).mean()
+        assert error < 12 and error < 0.5 * np.abs(other - lossy).mean()
