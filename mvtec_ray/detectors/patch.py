@@ -26,6 +26,7 @@ from torch import nn
 from mvtec_ray.detectors.base import Detector, load_arrays, save_arrays
 from mvtec_ray.detectors.chunks import budget_bytes, iter_budget_chunks, iter_chunks, iter_raw_chunks
 from mvtec_ray.detectors.coreset import gather_rows, n_images_hint, resolve_torch_device, select_coreset
+from mvtec_ray.detectors.ivf_search import DecodedLists, ivf_blas_search, ivf_exact_search
 from mvtec_ray.detectors.registry import register
 from mvtec_ray.detectors.torch_heads import bank_tensor, mean_nearest_distance
 from mvtec_ray.errors import UserError
@@ -133,41 +134,6 @@ def _faiss_gpu_count() -> int:
         return int(faiss.get_num_gpus())
     except Exception:  # pragma: no cover - broken GPU runtime
         return 0
-
-
-def _ivf_list(index: Any, list_no: int) -> tuple[np.ndarray, np.ndarray]:
-    """The vectors ``(n, d)`` float32 and ids of one inverted list, read in place where the
-    storage allows (raw float32, or raw float16 decoded)."""
-    lists = index.invlists
-    n = int(lists.list_size(list_no))
-    ids = faiss.rev_swig_ptr(lists.get_ids(list_no), n).copy() if n else np.zeros(0, np.int64)
-    if not n:
-        return np.zeros((0, index.d), np.float32), ids
-    codes = faiss.rev_swig_ptr(lists.get_codes(list_no), n * index.code_size)
-    if isinstance(index, faiss.IndexIVFFlat):
-        return codes.view(np.float32).reshape(n, index.d), ids
-    if (isinstance(index, faiss.IndexIVFScalarQuantizer) and not index.by_residual
-            and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16):
-        return codes.view(np.float16).reshape(n, index.d).astype(np.float32), ids
-    return index.reconstruct_batch(ids), ids  # any other IVF storage: decoded through faiss
-
-
-def ivf_exact_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN (squared L2, ids) of ``queries`` over *every* list of an IVF ``index``.
-
-    List by list with faiss's brute-force search (BLAS for more than a few queries), merged in a
-    heap: the bank is read once per call and never copied whole, unlike probing all lists.
-    """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    heap = faiss.ResultHeap(len(queries), k)
-    if len(queries):
-        for list_no in range(index.nlist):
-            vectors, ids = _ivf_list(index, list_no)
-            if len(ids):
-                D, local = faiss.knn(queries, vectors, min(k, len(ids)))
-                heap.add_result(D, ids[local])
-    heap.finalize()
-    return heap.D, heap.I
 
 
 def refine_image_maxima(bounds: np.ndarray, exact_scores: Any, first_step: int = 2) -> tuple[np.ndarray, int]:
@@ -309,7 +275,7 @@ class PatchCore(_PatchDetector):
         self._index: Any = None          # CPU faiss index (persisted)
         self._search_index: Any = None   # same, or a GPU copy
         self._gpu_res: Any = None
-        self._exact_bank: tuple[np.ndarray, np.ndarray] | None = None  # IVF bank decoded for re-checks
+        self._exact_bank: DecodedLists | None = None  # IVF lists decoded for search and re-checks
         #: patches the last scoring call searched, and (IVF) re-checked exactly
         self.search_stats_: dict[str, int] = {}
 
@@ -476,24 +442,30 @@ class PatchCore(_PatchDetector):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if not self._approximate:
             return self._search_index.search(queries, k)
-        bank = self._decoded_bank()
-        if bank is None:
+        lists = self._decoded_lists()
+        if lists is None:
             return ivf_exact_search(self._index, queries, k)
-        vectors, ids = bank
-        D, local = faiss.knn(queries, vectors, min(k, len(ids)))
-        return D, np.where(local >= 0, ids[np.maximum(local, 0)], -1)
+        D, local = faiss.knn(queries, lists.vectors, min(k, len(lists.ids)))
+        return D, np.where(local >= 0, lists.ids[np.maximum(local, 0)], -1)
 
-    def _decoded_bank(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The IVF bank as one float32 matrix and its ids, decoded once for the exact re-checks when
-        a quarter of ``memory_budget_mb`` holds it (the re-checks come a few queries at a time, and
-        decoding every list again for each costs more than the search); None above that."""
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The scoring search: the index's own, or (CPU IVF whose decoded lists fit the budget)
+        the same lists searched by matrix products (:func:`ivf_blas_search`, faster)."""
+        if self._approximate and self._search_index is self._index:
+            lists = self._decoded_lists()
+            if lists is not None:
+                return ivf_blas_search(self._index, lists, queries, k, self._index.nprobe)
+        return self._search_index.search(queries, k)
+
+    def _decoded_lists(self) -> DecodedLists | None:
+        """The IVF bank decoded once to float32 for the scoring search and the exact re-checks
+        when a quarter of ``memory_budget_mb`` holds it (decoding every list again per call
+        costs more than the search); None above that."""
         if self._exact_bank is None:
             index = self._index
-            if index.ntotal * index.d * 4 > budget_bytes(self.params["memory_budget_mb"]) // 4:
+            if DecodedLists.nbytes_for(index) > budget_bytes(self.params["memory_budget_mb"]) // 4:
                 return None
-            parts = [_ivf_list(index, list_no) for list_no in range(index.nlist)]
-            vectors = np.ascontiguousarray(np.concatenate([v for v, _ in parts]), dtype=np.float32)
-            self._exact_bank = (vectors, np.concatenate([i for _, i in parts]))
+            self._exact_bank = DecodedLists.of(index)
         return self._exact_bank
 
     # -- scoring -------------------------------------------------------------
@@ -510,7 +482,7 @@ class PatchCore(_PatchDetector):
             if C != self.grid_[2]:
                 raise ValueError(f"patchcore fitted on {self.grid_[2]} channels, got {C}")
             flat = chunk.reshape(-1, C)
-            D, I = self._search_index.search(flat, k)
+            D, I = self._search(flat, k)
             dist = np.sqrt(np.maximum(D, 0.0))
             self.search_stats_["patches"] += len(flat)
             if self._approximate:

@@ -380,9 +380,14 @@ class FeatureSet:
         return _by_split(table, "pooled", np.float32)
 
     def iter_patches(self, category: str, split: str, with_masks: bool = False,
-                     column: str = "patches") -> Iterator[dict]:
+                     column: str = "patches", min_images: int = 0) -> Iterator[dict]:
         """Shard by shard: {"X": (n, H, W, C) float16 of ``column`` (patches or padim), "row_id", "label",
-        ["mask_png", "source_hw"]} of ok rows."""
+        ["mask_png", "source_hw"]} of ok rows; consecutive shards joined until a part holds at least
+        ``min_images`` (scoring searches a batch of images at once faster than a few at a time)."""
+        parts = self._iter_shard_patches(category, split, with_masks, column)
+        return _joined(parts, min_images) if min_images > 1 else parts
+
+    def _iter_shard_patches(self, category: str, split: str, with_masks: bool, column: str) -> Iterator[dict]:
         wanted = ["row_id", "image_id", "source_uri", "mask_uri", "defect_type", "label", "status", column] + (
             ["mask_png", "source_height", "source_width"] if with_masks else [])
         for uri in self.shard_uris(category, split):
@@ -420,6 +425,25 @@ class FeatureSet:
         if table.num_rows == 0:
             return table
         return table.filter(pa.compute.equal(table.column("status"), "error"))
+
+
+def _joined(parts: Iterator[dict], min_images: int) -> Iterator[dict]:
+    """Consecutive parts concatenated key by key until each holds at least ``min_images`` rows."""
+    pending: list[dict] = []
+    for part in parts:
+        pending.append(part)
+        if sum(len(p["X"]) for p in pending) >= min_images:
+            yield _concatenated(pending)
+            pending = []
+    if pending:
+        yield _concatenated(pending)
+
+
+def _concatenated(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    return {key: (sum((p[key] for p in parts), []) if isinstance(parts[0][key], list)
+                  else np.concatenate([p[key] for p in parts])) for key in parts[0]}
 
 
 def _parsed(uri: str, parse, in_memory: bool = False):

@@ -31,6 +31,9 @@ from mvtec_ray.threads import limited_threads
 log = logging.getLogger(__name__)
 SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "input_uri", "label", "defect_type",
                  "score", "threshold", "map_file", "mask_file", "pred_mask_file", "overlay_file"]
+#: images scored per call at least (feature shards joined): PatchCore's list-by-list search is a
+#: matrix product per list, efficient from a few thousand patch queries on
+SCORE_BATCH_IMAGES = 16
 
 
 @dataclass
@@ -152,7 +155,8 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
         configure(detector)
     column = detector.feature_column
     train = PatchChunks(features, category, "train", column)
-    val_good_parts = list(features.iter_patches(category, "val_good", with_masks=True, column=column))
+    val_good_parts = list(features.iter_patches(category, "val_good", with_masks=True, column=column,
+                                                min_images=SCORE_BATCH_IMAGES))
     started = time.perf_counter()
     detector.fit(train)
     row["fit_seconds"] = time.perf_counter() - started
@@ -163,7 +167,8 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     rows, val_scores, val_labels, val_maps, val_masks = [], [], [], [], []
     started = time.perf_counter()
     val_parts = (("val_good", val_good_parts),
-                 ("val_synthetic", features.iter_patches(category, "val_synthetic", with_masks=True, column=column)))
+                 ("val_synthetic", features.iter_patches(category, "val_synthetic", with_masks=True, column=column,
+                                                         min_images=SCORE_BATCH_IMAGES)))
     for split, parts in val_parts:
         for part in parts:
             patch, scores = detector.patch_and_image_scores(part["X"])
@@ -186,7 +191,7 @@ def _fit_patches(features: FeatureSet, category, detector_name, params, evaluati
     left_out: set[int] = set()
     n_train = sum(len(c) for c in train)
     write = bool(out_uri and evaluation.save_maps)
-    for part in features.iter_patches(category, "test", with_masks=True, column=column):
+    for part in features.iter_patches(category, "test", with_masks=True, column=column, min_images=SCORE_BATCH_IMAGES):
         patch, scores = detector.patch_and_image_scores(part["X"])
         test_scores.append(scores)
         test_labels.append(part["label"])

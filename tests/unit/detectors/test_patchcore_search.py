@@ -8,7 +8,8 @@ import faiss
 import numpy as np
 import pytest
 
-from mvtec_ray.detectors.patch import PatchCore, ivf_exact_search, refine_image_maxima
+from mvtec_ray.detectors.ivf_search import DecodedLists, ivf_blas_search, ivf_exact_search
+from mvtec_ray.detectors.patch import PatchCore, refine_image_maxima
 
 GRID, DIM, NLIST = 8, 8, 16
 
@@ -175,3 +176,53 @@ def test_ivf_exact_search_matches_brute_force():
         D, I = ivf_exact_search(index, queries, 3)
         np.testing.assert_array_equal(I, brute_I)
         np.testing.assert_allclose(D, brute_D, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+@pytest.mark.parametrize("k,nprobe", [(1, 1), (1, 3), (3, 2), (5, 4)])
+def test_blas_list_search_returns_what_faiss_ivf_search_returns(storage, k, nprobe):
+    rng = np.random.default_rng(k * 10 + nprobe)
+    centres = rng.normal(0, 4, (12, DIM))
+    bank = (centres[rng.integers(0, 12, 2000)] + rng.normal(0, 1, (2000, DIM))).astype(np.float16).astype(np.float32)
+    # far from the origin, so a distance taken as |q|^2 + |x|^2 - 2 q.x would lose digits
+    bank += 300.0
+    queries = bank[rng.choice(len(bank), 400)] + rng.normal(0, 0.05, (400, DIM)).astype(np.float32)
+    quantizer = faiss.IndexFlatL2(DIM)
+    index = (faiss.IndexIVFFlat(quantizer, DIM, NLIST) if storage == "float32" else
+             faiss.IndexIVFScalarQuantizer(quantizer, DIM, NLIST, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2,
+                                           False))
+    index.train(bank)
+    index.add(bank)
+    index.nprobe = nprobe
+    want_D, want_I = index.search(queries, k)
+    D, I = ivf_blas_search(index, DecodedLists.of(index), queries, k, nprobe)
+    assert D.shape == I.shape == (len(queries), k)
+    assert np.mean(I == want_I) > 0.999  # ties between equal distances may order either way
+    np.testing.assert_allclose(D, want_D, rtol=1e-3, atol=1e-3)
+    # a list holding fewer rows than k leaves -1 / inf, as faiss does
+    small = faiss.IndexIVFFlat(faiss.IndexFlatL2(DIM), DIM, 2)
+    small.train(bank[:200])
+    small.add(bank[:3])
+    D, I = ivf_blas_search(small, DecodedLists.of(small), queries[:5], 4, 1)
+    assert (I[:, 3] == -1).all() and np.isinf(D[:, 3]).all() and (I[:, 0] >= 0).all()
+
+
+def test_patchcore_scores_the_same_with_the_blas_search_as_with_faiss(cloud, monkeypatch):
+    import mvtec_ray.detectors.patch as patch_module
+    _, fresh, auto, _ = cloud
+    assert auto._approximate
+    calls = []
+    monkeypatch.setattr(patch_module, "ivf_blas_search", lambda *a: calls.append(1) or ivf_blas_search(*a))
+    blas_patch, blas_image = auto.patch_and_image_scores(fresh)
+    assert calls
+    auto._exact_bank = None
+    budget = auto.params["memory_budget_mb"]
+    auto.params["memory_budget_mb"] = 0  # no room to decode the lists: faiss's own search
+    try:
+        calls.clear()
+        faiss_patch, faiss_image = auto.patch_and_image_scores(fresh)
+        assert auto._exact_bank is None and not calls
+    finally:
+        auto.params["memory_budget_mb"] = budget
+    np.testing.assert_allclose(blas_patch, faiss_patch, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(blas_image, faiss_image, rtol=1e-4, atol=1e-5)
