@@ -53,43 +53,82 @@ def ivf_exact_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarra
 
 @dataclass
 class DecodedLists:
-    """An IVF index's lists decoded once to float32: ``vectors`` in list order (list ``l`` is rows
-    ``offsets[l]:offsets[l + 1]``), their ``ids``, each list's centroid, and the vectors less
-    their list's centroid (``centred``) with their squared norms, for :func:`ivf_blas_search`."""
+    """An IVF index's vectors decoded once to float32, less their mean (``centre``): distances
+    taken as ``|q|^2 + |x|^2 - 2 q.x`` about the mean keep the digits that post-ReLU features'
+    large common offset would cost about the origin. ``vectors`` are in list order (list ``l``
+    is rows ``offsets[l]:offsets[l + 1]``), with their squared ``norms`` and ``ids``."""
 
     vectors: np.ndarray
+    norms: np.ndarray
     ids: np.ndarray
     offsets: np.ndarray
-    centroids: np.ndarray
-    centred: np.ndarray
-    centred_norms: np.ndarray
+    centre: np.ndarray
 
     @classmethod
     def of(cls, index: Any) -> DecodedLists:
         parts = [ivf_list(index, list_no) for list_no in range(index.nlist)]
         sizes = [len(ids) for _, ids in parts]
         vectors = np.ascontiguousarray(np.concatenate([v for v, _ in parts]), dtype=np.float32)
-        centroids = index.quantizer.reconstruct_n(0, index.nlist).astype(np.float32)
-        centred = vectors - np.repeat(centroids, sizes, axis=0)
-        return cls(vectors, np.concatenate([i for _, i in parts]), np.concatenate([[0], np.cumsum(sizes)]),
-                   centroids, centred, np.einsum("ij,ij->i", centred, centred))
+        centre = vectors.mean(0, dtype=np.float64).astype(np.float32) if len(vectors) else np.zeros(index.d, np.float32)
+        vectors -= centre
+        return cls(vectors, np.einsum("ij,ij->i", vectors, vectors), np.concatenate([i for _, i in parts]),
+                   np.concatenate([[0], np.cumsum(sizes)]), centre)
 
     @staticmethod
     def nbytes_for(index: Any) -> int:
-        """Bytes :meth:`of` holds for ``index``: its vectors twice, as float32."""
-        return 2 * int(index.ntotal) * int(index.d) * 4
+        """Bytes :meth:`of` holds for ``index``: its vectors as float32."""
+        return int(index.ntotal) * int(index.d) * 4
+
+
+def _nearest(dist: np.ndarray, k: int) -> np.ndarray:
+    """Columns of each row's ``k`` smallest entries (unordered for k > 1)."""
+    return dist.argmin(1)[:, None] if k == 1 else np.argpartition(dist, k - 1, axis=1)[:, :k]
+
+
+def _distances(centred_queries: np.ndarray, vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    dist = centred_queries @ vectors.T
+    dist *= -2.0  # in place: |q|^2 + |x|^2 - 2 q.x without temporaries
+    dist += norms[None, :]
+    dist += np.einsum("ij,ij->i", centred_queries, centred_queries)[:, None]
+    return dist
+
+
+def _sorted(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if D.shape[1] > 1:
+        best = np.argsort(D, axis=1, kind="stable")[:, :k]
+        D, I = np.take_along_axis(D, best, axis=1), np.take_along_axis(I, best, axis=1)
+    return np.maximum(D, 0.0), I
+
+
+def decoded_exact_search(lists: DecodedLists, queries: np.ndarray, k: int,
+                         block_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN (squared L2 ascending, ids) over all of ``lists`` as matrix products, a block of
+    queries at a time (``block_bytes`` of distances). Several times faster than ``faiss.knn`` for
+    the few dozen queries of a re-check (measured: 32 queries, 37k x 152 bank: 5.4 vs 24.7 ms)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32) - lists.centre
+    n, total = len(queries), len(lists.ids)
+    kk = min(k, total)
+    D = np.full((n, k), np.inf, np.float32)
+    I = np.full((n, k), -1, np.int64)
+    step = max(1, block_bytes // max(1, 4 * total))
+    for start in range(0, n if total else 0, step):
+        rows = slice(start, min(n, start + step))
+        dist = _distances(queries[rows], lists.vectors, lists.norms)
+        near = _nearest(dist, kk)
+        D[rows, :kk], I[rows, :kk] = np.take_along_axis(dist, near, axis=1), lists.ids[near]
+    return _sorted(D, I, k)
 
 
 def ivf_blas_search(index: Any, lists: DecodedLists, queries: np.ndarray, k: int,
                     nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """``index.search(queries, k)`` with ``nprobe`` lists per query: (squared L2 ``(n, k)``
     ascending, ids; -1 / inf where the lists hold fewer than ``k`` rows), list by list as one
-    matrix product. Distances are computed about each list's centroid, where queries and
-    vectors are small, so rounding stays near that of a direct difference."""
+    matrix product of the queries that probe the list against its vectors."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n = len(queries)
     nprobe = max(1, min(int(nprobe), index.nlist))
     _, probed = index.quantizer.search(queries, nprobe)  # (n, nprobe): the lists faiss would scan
+    centred = queries - lists.centre
     D = np.full((n, nprobe * k), np.inf, np.float32)
     I = np.full((n, nprobe * k), -1, np.int64)
     pair_list = probed.ravel()
@@ -101,17 +140,10 @@ def ivf_blas_search(index: Any, lists: DecodedLists, queries: np.ndarray, k: int
             continue
         pairs = order[starts[list_no]:starts[list_no + 1]]
         rows, slots = pairs // nprobe, pairs % nprobe
-        sub = queries[rows] - lists.centroids[list_no]
-        dist = sub @ lists.centred[a:b].T
-        dist *= -2.0  # in place: |q - c|^2 + |x - c|^2 - 2 (q - c).(x - c), no temporaries
-        dist += lists.centred_norms[None, a:b]
-        dist += np.einsum("ij,ij->i", sub, sub)[:, None]
+        dist = _distances(centred[rows], lists.vectors[a:b], lists.norms[a:b])
         kk = min(k, b - a)
-        near = dist.argmin(1)[:, None] if kk == 1 else np.argpartition(dist, kk - 1, axis=1)[:, :kk]
+        near = _nearest(dist, kk)
         cols = slots[:, None] * k + np.arange(kk)[None, :]
-        D[rows[:, None], cols] = np.maximum(np.take_along_axis(dist, near, axis=1), 0.0)
+        D[rows[:, None], cols] = np.take_along_axis(dist, near, axis=1)
         I[rows[:, None], cols] = lists.ids[a + near]
-    if D.shape[1] > 1:  # the lists' candidates, nearest first
-        best = np.argsort(D, axis=1, kind="stable")[:, :k]
-        D, I = np.take_along_axis(D, best, axis=1), np.take_along_axis(I, best, axis=1)
-    return D, I
+    return _sorted(D, I, k)

@@ -26,7 +26,7 @@ from torch import nn
 from mvtec_ray.detectors.base import Detector, load_arrays, save_arrays
 from mvtec_ray.detectors.chunks import budget_bytes, iter_budget_chunks, iter_chunks, iter_raw_chunks
 from mvtec_ray.detectors.coreset import gather_rows, n_images_hint, resolve_torch_device, select_coreset
-from mvtec_ray.detectors.ivf_search import DecodedLists, ivf_blas_search, ivf_exact_search
+from mvtec_ray.detectors.ivf_search import DecodedLists, decoded_exact_search, ivf_blas_search, ivf_exact_search
 from mvtec_ray.detectors.registry import register
 from mvtec_ray.detectors.torch_heads import bank_tensor, mean_nearest_distance
 from mvtec_ray.errors import UserError
@@ -445,8 +445,7 @@ class PatchCore(_PatchDetector):
         lists = self._decoded_lists()
         if lists is None:
             return ivf_exact_search(self._index, queries, k)
-        D, local = faiss.knn(queries, lists.vectors, min(k, len(lists.ids)))
-        return D, np.where(local >= 0, lists.ids[np.maximum(local, 0)], -1)
+        return decoded_exact_search(lists, queries, k)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The scoring search: the index's own, or (CPU IVF whose decoded lists fit the budget)

@@ -67,7 +67,9 @@ def best_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     positive = np.sort(scores[labels])
     negative = np.sort(scores[~labels])
     n_pos = positive.size
-    values = np.unique(positive)[::-1]                      # distinct positive scores, descending
+    distinct = np.ones(n_pos, bool)
+    distinct[1:] = positive[1:] != positive[:-1]
+    values = positive[distinct][::-1]                      # distinct positive scores, descending (no re-sort)
     tp = n_pos - np.searchsorted(positive, values, side="left")
     fp = negative.size - np.searchsorted(negative, values, side="left")
     # integer numerator/denominator -> equal rationals give bit-identical floats

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 SCORE_COLUMNS = ["category", "detector", "split", "image_id", "row_id", "input_uri", "label", "defect_type",
                  "score", "threshold", "map_file", "mask_file", "pred_mask_file", "overlay_file"]
 #: images scored per call at least (feature shards joined): PatchCore's list-by-list search is a
-#: matrix product per list, efficient from a few thousand patch queries on
-SCORE_BATCH_IMAGES = 16
+#: matrix product per list, efficient from a few thousand patch queries on (measured, 784 patches
+#: per image, 37k-row bank: 6.7 / 4.1 / 3.8 ms per image at 3 / 16 / 32 images, faiss's scan 10)
+SCORE_BATCH_IMAGES = 32
 
 
 @dataclass

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from mvtec_ray.detectors.ivf_search import DecodedLists, ivf_blas_search, ivf_exact_search
+from mvtec_ray.detectors.ivf_search import DecodedLists, decoded_exact_search, ivf_blas_search, ivf_exact_search
 from mvtec_ray.detectors.patch import PatchCore, refine_image_maxima
 
 GRID, DIM, NLIST = 8, 8, 16
@@ -226,3 +226,24 @@ def test_patchcore_scores_the_same_with_the_blas_search_as_with_faiss(cloud, mon
         auto.params["memory_budget_mb"] = budget
     np.testing.assert_allclose(blas_patch, faiss_patch, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(blas_image, faiss_image, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_decoded_exact_search_matches_brute_force_in_float64(k):
+    rng = np.random.default_rng(k)
+    bank = (rng.normal(0, 1, (900, DIM)) + 500.0).astype(np.float16).astype(np.float32)  # a large common offset
+    queries = bank[rng.choice(len(bank), 70)] + rng.normal(0, 0.1, (70, DIM)).astype(np.float32)
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(DIM), DIM, NLIST, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_L2, False)
+    index.train(bank)
+    index.add(bank)
+    truth = ((queries[:, None].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
+    want_I = np.argsort(truth, axis=1, kind="stable")[:, :k]
+    want_D = np.take_along_axis(truth, want_I, axis=1)
+    lists = DecodedLists.of(index)
+    for block_bytes in (64 << 20, 4 * 900 * 7):  # one block; blocks of 7 queries
+        D, I = decoded_exact_search(lists, queries, k, block_bytes=block_bytes)
+        assert np.mean(I == want_I) > 0.99
+        np.testing.assert_allclose(D, want_D, rtol=1e-3, atol=1e-3)  # about the mean: digits kept
+    D, I = decoded_exact_search(lists, queries[:3], len(bank) + 2)  # more neighbours than rows
+    assert (I[:, -2:] == -1).all() and np.isinf(D[:, -2:]).all() and (I[:, :len(bank)] >= 0).all()
