@@ -16,9 +16,9 @@ from mvtec_ray.config import RunConfig
 from mvtec_ray.data.catalog import Catalog
 from mvtec_ray.data.manifest import dataset_catalog
 from mvtec_ray.deploy.model_files import update_manifest
-from mvtec_ray.detectors.registry import fit_cost, input_kind
+from mvtec_ray.detectors.registry import builtin_names, fit_cost, input_kind
 from mvtec_ray.distributed.cluster import connect
-from mvtec_ray.distributed.fit import fit_task
+from mvtec_ray.distributed.fit import fit_cells_task, fit_task
 from mvtec_ray.distributed.progress import Progress
 from mvtec_ray.evaluation.selection import with_best_on_validation, with_validation
 from mvtec_ray.evaluation.summary import summarise
@@ -41,8 +41,27 @@ def _fit_task_options(config: RunConfig, detector: str) -> dict:
     return options
 
 
+#: built-in pooled detectors this cheap (``fit_cost``: ocsvm, iforest, lof, elliptic, knn; tens of
+#: milliseconds a cell at MVTec size) share one task per category
+GROUPED_FIT_COST = 1.5
+
+
+def _task_plan(categories: list[str], names: list[str]) -> list[tuple[str, list[str]]]:
+    """(category, detectors) per fit task, longest first (the run then ends on short tasks instead
+    of one CPU waiting on a long one): one task per cell, except the cheap built-in pooled
+    detectors of a category, which share one."""
+    cheap = [n for n in names if n in builtin_names("pooled") and fit_cost(n) <= GROUPED_FIT_COST]
+    tasks = []
+    for category in categories:
+        if len(cheap) > 1:
+            tasks.append((category, cheap))
+        tasks += [(category, [n]) for n in names if len(cheap) < 2 or n not in cheap]
+    return sorted(tasks, key=lambda task: -sum(fit_cost(n) for n in task[1]))
+
+
 def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One Ray task per (category, detector); returns (results with mean rows, scores)."""
+    """Every (category, detector) cell as a Ray task (the cheap pooled ones of a category share one,
+    :func:`_task_plan`); returns (results with mean rows, scores)."""
     import ray
 
     metadata = features.metadata()
@@ -50,7 +69,7 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
     # Same CPU request as a fit (at most 1): a fractional one let Ray run many loads at once, each in a
     # new worker process that then paid the torch/sklearn imports again for the fits it picked up.
     load_pooled = ray.remote(num_cpus=min(1.0, config.detectors.cpus_per_task))(FeatureSet.load_pooled)
-    fit_remote = ray.remote(fit_task)
+    fit_cells_remote = ray.remote(fit_cells_task)
     threads = max(1, int(config.detectors.cpus_per_task))
     pooled_refs = {}
     if any(input_kind(name) == "pooled" for name in config.detectors.names):
@@ -58,33 +77,35 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
     chosen, defaults = {}, {}
     if config.search.enabled:
         chosen, defaults = _search(config, categories, pooled_refs, threads, out_uri, storage, features, metadata)
-    # Longest fits first: the run then ends on short tasks instead of one CPU waiting on a long one.
-    order = sorted(((c, n) for c in categories for n in config.detectors.names),
-                   key=lambda cell: -fit_cost(cell[1]))
     pending = {}
-    for category, name in order:
-        pooled = input_kind(name) == "pooled"
-        params = chosen.get((category, name), config.detectors.params.get(name, {}))
-        ref = fit_remote.options(**_fit_task_options(config, name)).remote(
-            features, category, name, params, config.evaluation, out_uri, storage,
-            threads, pooled_refs[category] if pooled else None, metadata)
-        pending[ref] = (category, name)
-    log.info("fitting %d (category, detector) tasks", len(pending))
+    for category, names in _task_plan(categories, config.detectors.names):
+        cells = [(name, chosen.get((category, name), config.detectors.params.get(name, {}))) for name in names]
+        pooled = pooled_refs[category] if input_kind(names[0]) == "pooled" else None
+        common = (config.evaluation, out_uri, storage, threads, pooled, metadata)
+        # one remote function for all: Ray runs queued tasks of one function (and resource shape) in
+        # submission order, so longest first holds (two functions' queues interleave)
+        ref = fit_cells_remote.options(**_fit_task_options(config, names[0])).remote(features, category, cells,
+                                                                                    *common)
+        pending[ref] = (category, names)
+    n_cells = sum(len(names) for names in pending.values())
+    log.info("fitting %d (category, detector) cells in %d tasks", n_cells, len(pending))
     outcomes: list[FitOutcome] = []
     remaining = list(pending)
-    shown = Progress("fit", len(pending), "tasks")
+    shown = Progress("fit", n_cells, "cells")
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1)
-        shown.update(1)
-        category, name = pending[done[0]]
+        category, names = pending[done[0]]
+        shown.update(len(names))
         try:
-            outcome = ray.get(done[0])
+            finished = ray.get(done[0])
         except Exception as exc:  # noqa: BLE001 - a lost worker or OOM becomes an error cell
-            outcome = FitOutcome({"category": category, "detector": name, "backbone": metadata["backbone"],
-                                  "weights": metadata["weights"], "status": "error",
-                                  "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
-        log.debug("fitted %s/%s: %s", category, name, outcome.row.get("status"))
-        outcomes.append(outcome)
+            finished = [FitOutcome({"category": category, "detector": name, "backbone": metadata["backbone"],
+                                    "weights": metadata["weights"], "status": "error",
+                                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+                        for name in names]
+        for outcome in finished:
+            log.debug("fitted %s/%s: %s", category, outcome.row.get("detector"), outcome.row.get("status"))
+        outcomes += finished
     shown.close()
     scored = [o.scores for o in outcomes if len(o.scores)]
     scores = pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=SCORE_COLUMNS)

@@ -75,14 +75,26 @@ def best_candidate(candidates: Iterable[dict]) -> dict | None:
 
 def with_validation(rows: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """``rows`` (one per fitted cell) with ``val_auroc`` and ``val_ap`` from ``scores`` (NaN where a cell
-    has none, e.g. a failed fit)."""
+    has none, e.g. a failed fit). A row that carries a ``val_auroc`` already (the fit cell computes its
+    own with :func:`validation_metrics`, where it ran) keeps it: the driver then reads no scores."""
     if not {"category", "detector"} <= set(rows.columns):
         return rows
-    metrics = validation_metrics(scores)[["category", "detector", "val_auroc", "val_ap"]]
-    merged = rows.drop(columns=[c for c in ("val_auroc", "val_ap") if c in rows]).merge(
-        metrics, on=["category", "detector"], how="left")
-    merged.index = rows.index
-    return merged
+    keys = ["category", "detector"]
+    known = rows["val_auroc"].notna().to_numpy() if "val_auroc" in rows else np.zeros(len(rows), bool)
+    out = rows.copy()
+    for column in ("val_auroc", "val_ap"):
+        if column not in out:
+            out[column] = math.nan
+    if known.all():
+        return out
+    wanted = pd.MultiIndex.from_frame(rows.loc[~known, keys])
+    if len(scores) and set(keys) <= set(scores.columns):
+        scores = scores[pd.MultiIndex.from_frame(scores[keys]).isin(wanted)]
+    metrics = validation_metrics(scores).set_index(keys)
+    lookup = pd.MultiIndex.from_frame(rows.loc[~known, keys])
+    for column in ("val_auroc", "val_ap"):
+        out.loc[~known, column] = metrics[column].reindex(lookup).to_numpy(dtype=float)
+    return out
 
 
 def best_on_validation_rows(rows: pd.DataFrame) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from mvtec_ray.detectors.registry import build_detector, input_kind
 from mvtec_ray.errors import StorageError, StorageUnavailable
 from mvtec_ray.evaluation.metrics import image_metrics
 from mvtec_ray.evaluation.pixel_metrics import evaluate_pixels
+from mvtec_ray.evaluation.selection import validation_metrics
 from mvtec_ray.evaluation.thresholds import choose_pixel_threshold, threshold_for_rule
 from mvtec_ray.features.store import FeatureSet, PatchChunks
 from mvtec_ray.storage import Storage, join
@@ -104,6 +105,10 @@ def _finish(row: dict, detector, category: str, val_scores, val_labels, test: di
         save_model(storage, join(out_uri, "models"), category, detector, threshold.value, threshold.rule, metadata)
     scores = pd.DataFrame(extra_rows, columns=SCORE_COLUMNS)
     scores["threshold"] = threshold.value
+    # here, in parallel with the other cells, not in the driver after the last one
+    validation = validation_metrics(scores)
+    if len(validation) == 1:
+        row.update(val_auroc=float(validation["val_auroc"].iloc[0]), val_ap=float(validation["val_ap"].iloc[0]))
     return FitOutcome(row, scores)
 
 

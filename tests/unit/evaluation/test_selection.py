@@ -186,3 +186,18 @@ def test_the_mean_row_and_the_tables(run):
     assert "| bottle | best_on_validation (knn) |" in results_markdown(results)
     assert "val_auroc" in lines[0]
     assert BEST_ON_VALIDATION not in [r[0] for r in tuning_rows(results.assign(default_image_auroc=0.5))]
+
+
+def test_a_row_carrying_its_validation_metrics_keeps_them_the_others_get_them_from_the_scores(run):
+    rows, scores = run
+    expected = validation_metrics(scores).set_index(["category", "detector"])
+    # the fit cells computed theirs where they ran; a row without them (an older run) still gets them
+    rows = rows.copy()
+    rows["val_auroc"], rows["val_ap"] = np.nan, np.nan
+    own = (rows["category"] == "bottle").to_numpy()
+    rows.loc[own, "val_auroc"] = 0.123  # not what the scores say: the row's own value must be kept
+    rows.loc[own, "val_ap"] = 0.456
+    cells = with_validation(rows, scores).set_index(["category", "detector"])
+    assert (cells.loc["bottle", "val_auroc"] == 0.123).all() and (cells.loc["bottle", "val_ap"] == 0.456).all()
+    np.testing.assert_allclose(cells.loc["screw", "val_auroc"], expected.loc["screw", "val_auroc"])
+    np.testing.assert_allclose(cells.loc["screw", "val_ap"], expected.loc["screw", "val_ap"])

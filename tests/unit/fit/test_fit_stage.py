@@ -7,7 +7,7 @@ import pytest
 
 from mvtec_ray.config import EvaluationConfig, load_config
 from mvtec_ray.distributed.pipeline import run_fit
-from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION
+from mvtec_ray.evaluation.selection import BEST_ON_VALIDATION, validation_metrics
 from mvtec_ray.fit.cell import fit_category_detector
 from mvtec_ray.storage import Storage
 from tests.helpers.feature_store import CATEGORIES, SIZES, write_store
@@ -104,6 +104,10 @@ def test_threshold_and_fit_ignore_test_labels(patch_stores, name):
     # the shuffle did reach the metrics: the store really changed
     assert rows[0]["image_auroc"] > 0.8, rows[0]["image_auroc"]
     assert rows[1]["image_auroc"] < rows[0]["image_auroc"] - 0.2
+    # each cell carries its validation metrics, the ones the driver would take from its scores
+    own = validation_metrics(outcomes[0].scores).iloc[0]
+    assert rows[0]["val_auroc"] == own["val_auroc"] and rows[0]["val_ap"] == own["val_ap"]
+    assert rows[1]["val_auroc"] == rows[0]["val_auroc"]  # validation only: the test shuffle cannot move it
 
 
 def test_autoencoder_never_early_stops_on_the_threshold_images(store, monkeypatch):
