@@ -236,7 +236,7 @@ def multinode(data: str, work: Path) -> dict:
     while run.alive() and time.time() < deadline:
         finished = len(list(models.glob("*/*/model.json"))) if models.exists() else 0
         if finished >= 1:
-            busy = {n: sum(t.startswith("ray::fit_task") for t in running(node))
+            busy = {n: sum(t.startswith("ray::fit_") for t in running(node))  # fit_cells_task, fit_task
                     for n, node in nodes.items() if n != "head"}
             victim = max(busy, key=busy.get)
             if busy[victim]:
