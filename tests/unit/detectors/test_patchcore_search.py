@@ -213,6 +213,8 @@ def test_patchcore_scores_the_same_with_the_blas_search_as_with_faiss(cloud, mon
     assert auto._approximate
     calls = []
     monkeypatch.setattr(patch_module, "ivf_blas_search", lambda *a: calls.append(1) or ivf_blas_search(*a))
+    auto.patch_and_image_scores(fresh[:1])  # one image probes each list too rarely: faiss's own search
+    assert not calls
     blas_patch, blas_image = auto.patch_and_image_scores(fresh)
     assert calls
     auto._exact_bank = None
