@@ -16,10 +16,13 @@ def fit_task(*args, **kwargs) -> FitOutcome:
     return outcome
 
 
-def fit_cells_task(features, category: str, cells: list[tuple[str, dict]], *args, **kwargs) -> list[FitOutcome]:
-    """Several cheap cells of one category, one after the other, as one Ray task: a fit of a few
-    milliseconds costs less than a task's own scheduling and result round trip."""
-    return [fit_task(features, category, name, params, *args, **kwargs) for name, params in cells]
+def fit_cells_task(features, category: str, cells: list[tuple[str, dict]], evaluation, out_uri, storage,
+                   threads: int, pooled, metadata) -> list[FitOutcome]:
+    """Cells of one category, one after the other, as one Ray task (several for the cheap ones: a fit of
+    a few milliseconds costs less than a task's own scheduling and result round trip). ``pooled``: the
+    category's pooled features (None for patch detectors)."""
+    return [fit_task(features, category, name, params, evaluation, out_uri, storage, threads, pooled, metadata)
+            for name, params in cells]
 
 
 def use_ray_shards(detector) -> None:

@@ -82,8 +82,8 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
         cells = [(name, chosen.get((category, name), config.detectors.params.get(name, {}))) for name in names]
         pooled = pooled_refs[category] if input_kind(names[0]) == "pooled" else None
         common = (config.evaluation, out_uri, storage, threads, pooled, metadata)
-        # one remote function for all: Ray runs queued tasks of one function (and resource shape) in
-        # submission order, so longest first holds (two functions' queues interleave)
+        # one remote function for all: Ray queues a caller's tasks per (function, resources,
+        # dependencies), so one function keeps each category's cells longest first
         ref = fit_cells_remote.options(**_fit_task_options(config, names[0])).remote(features, category, cells,
                                                                                     *common)
         pending[ref] = (category, names)
@@ -98,10 +98,12 @@ def run_fit(features: FeatureSet, out_uri: str, config: RunConfig, storage: Stor
         shown.update(len(names))
         try:
             finished = ray.get(done[0])
-        except Exception as exc:  # noqa: BLE001 - a lost worker or OOM becomes an error cell
+        except Exception as exc:  # noqa: BLE001 - a lost worker, an OOM or an unreadable store: error cells
+            cause = getattr(exc, "cause", None) or exc  # a task's own exception, not Ray's wrapper
+            text = str(cause).splitlines()[0][:300] if str(cause) else ""
             finished = [FitOutcome({"category": category, "detector": name, "backbone": metadata["backbone"],
                                     "weights": metadata["weights"], "status": "error",
-                                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+                                    "error": f"{type(cause).__name__}: {text}"})
                         for name in names]
         for outcome in finished:
             log.debug("fitted %s/%s: %s", category, outcome.row.get("detector"), outcome.row.get("status"))

@@ -2,6 +2,8 @@
 table, thread pinning per task, and a threshold that never looks at test labels."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -148,3 +150,19 @@ def test_autoencoder_never_early_stops_on_the_threshold_images(store, monkeypatc
     # the threshold was chosen on exactly the validation images' scores
     val = outcome.scores[outcome.scores["split"].isin(["val_good", "val_synthetic"])]
     assert len(val) == len(threshold_images)
+
+
+def test_a_category_whose_features_cannot_be_loaded_gets_error_cells_naming_why(ray_session, tmp_path):
+    store = write_store(tmp_path / "features")
+    for shard in store.shard_uris("beta", "train"):  # broken after the store was opened
+        Path(shard).write_bytes(b"not parquet")
+    config = load_config(None, {"out": str(tmp_path / "out"), "detectors.names": ["knn", "lof", "mahalanobis"]})
+    results, _ = run_fit(store, str(tmp_path / "out"), config, Storage())
+    cells = results[(results["category"] != "mean") & (results["detector"] != BEST_ON_VALIDATION)]
+    cells = cells.set_index(["category", "detector"])
+    for name in ("knn", "lof", "mahalanobis"):
+        assert cells.loc[("alpha", name), "status"] == "ok"
+        beta = cells.loc[("beta", name)]
+        # the loading task's own error, not Ray's wrapper around it
+        assert beta["status"] == "error" and beta["error"].startswith("UserError: corrupt feature shard"), beta["error"]
+        assert "/beta/train/" in beta["error"]
