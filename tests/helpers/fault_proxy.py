@@ -30,6 +30,7 @@ class FaultProxy:
         self.requests = self.matching = self.injected = 0
         self.trace: list[tuple] = []  # (method, path, upstream status, body head) of forwarded requests
         self._lock = threading.Lock()
+        self._just_failed: set[tuple[str, str]] = set()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +41,7 @@ class FaultProxy:
 
             def _any(self) -> None:
                 body = self._read_body()
-                status = proxy._fault_for(self.command)
+                status = proxy._fault_for(self.command, self.path)
                 if status:
                     self._send_fault(status)
                 else:
@@ -102,17 +103,22 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def _fault_for(self, method: str) -> int:
-        """0 = forward this request, else the HTTP status to answer with."""
+    def _fault_for(self, method: str, path: str = "") -> int:
+        """0 = forward this request, else the HTTP status to answer with. With ``fail_every``, the
+        retry of a request that was just failed gets through (a flaky server, not a broken one):
+        otherwise a retry loop whose requests fall in step with every Nth one fails every attempt."""
         with self._lock:
             self.requests += 1
             if self.methods and method not in self.methods:
                 return 0
             self.matching += 1
-            fail = (self.fail_all or (self.fail_every > 0 and self.matching % self.fail_every == 0)
+            retry = (method, path) in self._just_failed
+            self._just_failed.discard((method, path))
+            fail = (self.fail_all or (self.fail_every > 0 and self.matching % self.fail_every == 0 and not retry)
                     or (self.fail_after is not None and self.matching > self.fail_after))
             if not fail:
                 return 0
+            self._just_failed.add((method, path))
             self.injected += 1
             return self.statuses[(self.injected - 1) % len(self.statuses)]
 
