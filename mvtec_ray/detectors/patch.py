@@ -279,7 +279,7 @@ class PatchCore(_PatchDetector):
         self._index: Any = None          # CPU faiss index (persisted)
         self._search_index: Any = None   # same, or a GPU copy
         self._gpu_res: Any = None
-        self._exact_bank: DecodedLists | None = None  # IVF lists decoded for search and re-checks
+        self._decoded: DecodedLists | None = None  # IVF lists decoded for search and re-checks
         #: patches the last scoring call searched, and (IVF) re-checked exactly
         self.search_stats_: dict[str, int] = {}
 
@@ -419,7 +419,7 @@ class PatchCore(_PatchDetector):
             index.make_direct_map()  # reconstruct() for reweighting
         self._index = index
         self._search_index = index
-        self._exact_bank = None
+        self._decoded = None
         want = self.params["use_gpu"]
         if want and _faiss_gpu_count() > 0:
             self._gpu_res = faiss.StandardGpuResources()
@@ -460,19 +460,19 @@ class PatchCore(_PatchDetector):
                 and len(queries) * index.nprobe >= BLAS_MIN_QUERIES_PER_LIST * index.nlist):
             lists = self._decoded_lists()
             if lists is not None:
-                return ivf_blas_search(self._index, lists, queries, k, self._index.nprobe)
+                return ivf_blas_search(index, lists, queries, k, index.nprobe)
         return self._search_index.search(queries, k)
 
     def _decoded_lists(self) -> DecodedLists | None:
         """The IVF bank decoded once to float32 for the scoring search and the exact re-checks
         when a quarter of ``memory_budget_mb`` holds it (decoding every list again per call
         costs more than the search); None above that."""
-        if self._exact_bank is None:
+        if self._decoded is None:
             index = self._index
             if DecodedLists.nbytes_for(index) > budget_bytes(self.params["memory_budget_mb"]) // 4:
                 return None
-            self._exact_bank = DecodedLists.of(index)
-        return self._exact_bank
+            self._decoded = DecodedLists.of(index)
+        return self._decoded
 
     # -- scoring -------------------------------------------------------------
     def _patch_scores(self, X: Any) -> tuple[np.ndarray, np.ndarray]:

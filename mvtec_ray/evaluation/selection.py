@@ -91,9 +91,8 @@ def with_validation(rows: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     if len(scores) and set(keys) <= set(scores.columns):
         scores = scores[pd.MultiIndex.from_frame(scores[keys]).isin(wanted)]
     metrics = validation_metrics(scores).set_index(keys)
-    lookup = pd.MultiIndex.from_frame(rows.loc[~known, keys])
     for column in ("val_auroc", "val_ap"):
-        out.loc[~known, column] = metrics[column].reindex(lookup).to_numpy(dtype=float)
+        out.loc[~known, column] = metrics[column].reindex(wanted).to_numpy(dtype=float)
     return out
 
 

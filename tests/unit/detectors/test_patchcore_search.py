@@ -217,13 +217,13 @@ def test_patchcore_scores_the_same_with_the_blas_search_as_with_faiss(cloud, mon
     assert not calls
     blas_patch, blas_image = auto.patch_and_image_scores(fresh)
     assert calls
-    auto._exact_bank = None
+    auto._decoded = None
     budget = auto.params["memory_budget_mb"]
     auto.params["memory_budget_mb"] = 0  # no room to decode the lists: faiss's own search
     try:
         calls.clear()
         faiss_patch, faiss_image = auto.patch_and_image_scores(fresh)
-        assert auto._exact_bank is None and not calls
+        assert auto._decoded is None and not calls
     finally:
         auto.params["memory_budget_mb"] = budget
     np.testing.assert_allclose(blas_patch, faiss_patch, rtol=1e-4, atol=1e-5)
